@@ -1,0 +1,105 @@
+# Reinforcement learning for LLMs, derived and run.
+#   make book   -> set up .venv + MathJax, build the HTML book, print where to open it
+#   make test   -> set up, then run every check (unit tests, notebook pairs, nbval, book build, browser check)
+# Other targets: setup, execute [NB=notebooks/05_policy_gradient.md], sync, bench, gpu-check, lint, clean.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+# The torch requirement installed before everything else. The default is the CPU wheel; for CUDA use e.g.
+#   make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH ?= torch==2.13.0
+VENV  ?= .venv
+BIN   := $(VENV)/bin
+PY    := $(BIN)/python
+NB    ?= all
+BUILD := _build
+MATHJAX_SRC := node_modules/mathjax/es5
+MATHJAX_DST := book/_static/mathjax
+
+.PHONY: help setup book test unit pairs nbval build-book check-book browser-deps execute sync bench gpu-check lint clean
+
+help:
+	@sed -n '2,4p' Makefile
+
+# --- set-up ------------------------------------------------------------------------------------------------
+# The stamp depends on the files that define the environment, so editing a pin re-installs.
+$(VENV)/.stamp: pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 is required"'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[book,test]"
+	@touch $@
+
+node_modules/.package-lock.json: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+
+setup: $(VENV)/.stamp node_modules/.package-lock.json
+
+# --- the book ----------------------------------------------------------------------------------------------
+$(MATHJAX_DST)/tex-chtml-full.js: node_modules/.package-lock.json
+	@rm -rf $(MATHJAX_DST) && mkdir -p $(dir $(MATHJAX_DST)) && cp -r $(MATHJAX_SRC) $(MATHJAX_DST)
+
+build-book: setup $(MATHJAX_DST)/tex-chtml-full.js
+	@rm -rf $(BUILD)/html $(BUILD)/.doctrees $(BUILD)/jupyter_execute
+	$(BIN)/jupyter-book build . --builder html -W --keep-going
+	$(PY) tools/check_html.py $(BUILD)/html
+
+book: build-book
+	@echo "Open the book at: file://$(abspath $(BUILD)/html/index.html)"
+
+# --- checks ------------------------------------------------------------------------------------------------
+lint: setup
+	$(BIN)/ruff check src tests tools benchmarks
+
+unit: setup
+	$(PY) -m pytest tests -q
+
+pairs: setup
+	$(PY) tools/check_pairs.py
+
+nbval: setup
+	RL4LLM_DEVICE=cpu PYTHONHASHSEED=0 \
+	  $(PY) -m pytest -p tools.nbtimes --nbval --nbval-sanitize-with tools/nbval_sanitize.cfg \
+	  --nbval-cell-timeout=600 notebooks -q
+
+browser-deps:
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$${CI:-}" = "true" ]; then \
+	  echo "CI: installing Debian's chromium for the browser check"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
+
+check-book: browser-deps
+	$(PY) tools/check_book.py $(BUILD)/html
+
+test: setup
+	@$(PY) tools/stage.py "lint"            -- $(MAKE) --no-print-directory lint
+	@$(PY) tools/stage.py "unit tests"      -- $(MAKE) --no-print-directory unit
+	@$(PY) tools/stage.py "notebook pairs"  -- $(MAKE) --no-print-directory pairs
+	@$(PY) tools/stage.py "nbval"           -- $(MAKE) --no-print-directory nbval
+	@$(PY) tools/stage.py "book build"      -- $(MAKE) --no-print-directory build-book
+	@$(PY) tools/stage.py "browser check"   -- $(MAKE) --no-print-directory check-book
+	@$(PY) tools/stage.py --summary
+
+# --- notebooks ---------------------------------------------------------------------------------------------
+# Re-execute notebooks deterministically on the CPU and write their .ipynb twins (NB=path/to/one.md or all).
+execute: setup
+	$(PY) tools/execute_notebooks.py $(if $(filter all,$(NB)),notebooks/*.md,$(NB))
+
+# Bring the .ipynb inputs in line with edited .md sources, keeping outputs of unchanged cells.
+sync: setup
+	$(BIN)/jupytext --to ipynb --update notebooks/*.md
+
+# --- performance -------------------------------------------------------------------------------------------
+bench: setup
+	$(PY) tools/run_benchmarks.py --device cpu
+
+# Runs every notebook's code and every benchmark on CUDA. Needs only torch, sympy, numpy and matplotlib,
+# so it works on a GPU machine without Jupyter:  make gpu-check PY=python3
+gpu-check:
+	$(PY) tools/gpu_check.py
+
+clean:
+	rm -rf $(BUILD) $(MATHJAX_DST)

@@ -1,0 +1,15 @@
+"""rl4llm: the one implementation behind *Reinforcement Learning for LLMs, Derived and Run*.
+
+Each module holds one idea and is meant to be read top to bottom:
+
+- :mod:`rl4llm.device`  -- choosing the device, seeding.
+- :mod:`rl4llm.checks`  -- asserting symbolic identities and displaying them.
+- :mod:`rl4llm.mdp`     -- finite tabular MDPs: exact evaluation, exact objectives, trajectory enumeration.
+- :mod:`rl4llm.returns` -- discounted returns and reward-to-go with episode boundaries.
+- :mod:`rl4llm.pg`      -- REINFORCE gradient estimators, a policy network, a training loop.
+
+Conventions: tensors are time-last (``[..., T]``), masks are explicit arguments, and public functions
+raise :class:`ValueError` naming the offending argument and the expected shape.
+"""
+
+__version__ = "0.1.0"
