@@ -16,6 +16,7 @@ import argparse
 import functools
 import http.server
 import os
+import re
 import shutil
 import sys
 import threading
@@ -51,8 +52,6 @@ PAGE_PROBLEMS_JS = r"""
 
 
 def local_link_problems(root: Path, page: Path) -> list[str]:
-    import re
-
     problems = []
     for href in re.findall(r'<a\b[^>]*\bhref="([^"]+)"', page.read_text(errors="replace")):
         url = urlparse(href)
@@ -67,8 +66,11 @@ def local_link_problems(root: Path, page: Path) -> list[str]:
 
 
 def serve(root: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
@@ -107,12 +109,23 @@ def main() -> int:
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             for page_path in pages:
                 rel = page_path.relative_to(root).as_posix()
+                redirect = re.search(r'http-equiv="refresh" content="0; url=([^"]+)"', page_path.read_text(), re.I)
+                if redirect:  # e.g. the root index.html: only its target must exist
+                    target = (page_path.parent / redirect.group(1).split("#")[0]).resolve()
+                    problems = [] if target.exists() else [f"redirect to a missing page: {redirect.group(1)}"]
+                    print(f"  {'ok' if not problems else 'FAILED':<6} {rel} (redirect)")
+                    for p in problems:
+                        print(f"         {p}")
+                    failures += bool(problems)
+                    continue
                 page = browser.new_page(viewport={"width": 1280, "height": 900})
                 events: list[str] = []
                 page.on("console", lambda m, ev=events: ev.append(f"console {m.type}: {m.text[:160]}")
                         if m.type == "error" else None)
                 page.on("pageerror", lambda e, ev=events: ev.append(f"page error: {e}"))
                 page.on("requestfailed", lambda r, ev=events: ev.append(f"request failed: {r.url[:120]}"))
+                page.on("response", lambda r, ev=events: ev.append(f"HTTP {r.status}: {r.url[:120]}")
+                        if r.status >= 400 else None)
                 page.goto(f"{base}/{rel}", wait_until="load")
                 page.evaluate("() => (window.MathJax && MathJax.startup && MathJax.startup.promise) || null")
                 page.wait_for_timeout(50)

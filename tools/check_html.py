@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 REMOTE = re.compile(r"""<(?:script|link)\b[^>]*\b(?:src|href)=["'](?:https?:)?//[^"']+["']""", re.I)
-LOCAL_MATHJAX = re.compile(r"""<script\b[^>]*src=["'][^"']*_static/mathjax/tex-chtml-full\.js["']""", re.I)
+LOCAL_MATHJAX = re.compile(r"""<script\b[^>]*src=["'][^"']*_static/mathjax/tex-chtml-full\.js(?:\?[^"']*)?["']""", re.I)
 HAS_MATH = re.compile(r'class="math[ "]')
 
 
