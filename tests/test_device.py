@@ -43,7 +43,7 @@ def test_unavailable_device_is_an_error_not_a_fallback(monkeypatch):
 
 def test_seed_everything_makes_all_generators_repeat():
     def draw():
-        return random.random(), np.random.rand(), torch.rand(3).tolist()
+        return random.random(), np.random.rand(), torch.rand(3).tolist()  # noqa: NPY002
 
     seed_everything(7)
     a = draw()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 
@@ -112,7 +112,8 @@ def test_notebook_sources_are_myst_paired_and_extractable(md):
 
 
 def test_code_cell_extraction_drops_options():
-    text = "x\n```{code-cell} ipython3\n:tags: [hide-input]\n\na = 1\n```\n\n```{code-cell} ipython3\n---\ntags: [x]\n---\nb = 2\n```\n"
+    text = ("x\n```{code-cell} ipython3\n:tags: [hide-input]\n\na = 1\n```\n\n"
+            "```{code-cell} ipython3\n---\ntags: [x]\n---\nb = 2\n```\n")
     assert extract_cells(text) == ["\na = 1", "b = 2"]
 
 

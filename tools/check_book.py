@@ -41,10 +41,12 @@ PAGE_PROBLEMS_JS = r"""
   const text = clone.textContent;
   for (const raw of ['\\(', '\\[', '$$']) {
     const k = text.indexOf(raw);
-    if (k >= 0) problems.push('raw math delimiter ' + raw + ' in text: ...' + text.slice(Math.max(0, k - 30), k + 40).replace(/\s+/g, ' '));
+    if (k >= 0) problems.push('raw math delimiter ' + raw + ' in text: ...'
+                              + text.slice(Math.max(0, k - 30), k + 40).replace(/\s+/g, ' '));
   }
   document.querySelectorAll('img').forEach(img => {
-    if (!img.complete || img.naturalWidth === 0) problems.push('broken image: ' + (img.getAttribute('src') || '').slice(0, 80));
+    if (!img.complete || img.naturalWidth === 0)
+      problems.push('broken image: ' + (img.getAttribute('src') || '').slice(0, 80));
   });
   return problems;
 }

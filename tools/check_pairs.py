@@ -32,7 +32,8 @@ def check(md: Path, scratch: Path) -> list[str]:
         return []
     diff = "".join(list(difflib.unified_diff(want.splitlines(True), got.splitlines(True),
                                              f"{ipynb.name} (committed)", f"{ipynb.name} (from {md.name})"))[:60])
-    return [f"{ipynb.relative_to(ROOT)} is out of date with {md.name}: run make execute NB={md.relative_to(ROOT)}\n{diff}"]
+    return [f"{ipynb.relative_to(ROOT)} is out of date with {md.name}: "
+            f"run make execute NB={md.relative_to(ROOT)}\n{diff}"]
 
 
 def main() -> int:

@@ -35,7 +35,7 @@ def execute(md: Path) -> float:
     t0 = time.perf_counter()
     try:
         NotebookClient(
-            nb, timeout=TIMEOUT_S, kernel_name="python3", record_timing=False,
+            nb, timeout=TIMEOUT_S, kernel_name="python3", record_timing=False, coalesce_streams=True,
             resources={"metadata": {"path": str(md.parent)}},
         ).execute()
     finally:

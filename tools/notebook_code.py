@@ -36,7 +36,7 @@ def extract_cells(text: str) -> list[str]:
         i += 1
         code = "\n".join(body)
         if re.search(r"^\s*[%!]", code, re.M):
-            raise ValueError(f"code cell uses IPython magics or shell escapes, which a plain script cannot run:\n{code}")
+            raise ValueError(f"code cell uses IPython magics or shell escapes, which a script cannot run:\n{code}")
         cells.append(code)
     return cells
 

@@ -54,7 +54,9 @@ def get_device(name: str | None = None) -> torch.device:
     try:
         dev = torch.device(name.strip().lower())
     except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"{source}={name!r} is not a device string; expected 'cpu', 'cuda', 'cuda:N' or 'mps'") from exc
+        raise ValueError(
+            f"{source}={name!r} is not a device string; expected 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        ) from exc
     if dev.type not in {"cpu", "cuda", "mps"}:
         raise ValueError(f"{source}={name!r}: expected a device of type 'cpu', 'cuda' or 'mps', got {dev.type!r}")
     if not _available(dev):
@@ -74,6 +76,6 @@ def seed_everything(seed: int) -> torch.Generator:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 -- seeding the legacy global generator is the point
     torch.manual_seed(seed)  # also seeds every CUDA device
     return torch.Generator().manual_seed(seed)

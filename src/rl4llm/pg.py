@@ -1,0 +1,563 @@
+r"""REINFORCE: policy-gradient weights, the surrogate loss, a policy network and a training loop.
+
+The policy gradient theorem says
+:math:`\nabla_\theta J = \mathbb E_\tau[\sum_t \Psi_t \nabla_\theta \log \pi_\theta(a_t \mid s_t)]`
+for several choices of the weight :math:`\Psi_t`. This module turns that into code, read top to bottom:
+
+1. :func:`pg_weights` -- the weights :math:`\Psi_t` from rewards: the total discounted return of the
+   episode, or the reward-to-go with the discount counted from the episode's start, minus a baseline;
+2. :func:`reinforce_surrogate` -- a scalar whose gradient is the REINFORCE estimate, averaged over
+   trajectories;
+3. :class:`PolicyNet` -- a small MLP policy over discrete actions;
+4. :func:`collect_episodes`, :func:`reinforce`, :func:`evaluate` -- sample complete episodes from a gymnasium
+   vector environment, train the policy on them, and measure it.
+
+Tensors are time-last: per-step quantities of a batch of trajectories have shape ``[B, T]`` (or
+``[..., T]``), and padding steps are marked by an explicit ``mask``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Categorical
+
+from rl4llm.device import get_device, seed_everything
+from rl4llm.returns import (
+    accumulation_dtype,
+    check_dones,
+    check_gamma,
+    check_rewards,
+    discount_powers,
+    discounted_returns,
+    episode_returns,
+    episode_steps,
+    reward_to_go,
+)
+
+__all__ = [
+    "Episodes",
+    "PolicyNet",
+    "batch_mean_baseline",
+    "collect_episodes",
+    "evaluate",
+    "pg_weights",
+    "reinforce",
+    "reinforce_surrogate",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. The weights Psi_t
+# ----------------------------------------------------------------------------------------------------------
+
+
+def pg_weights(rewards: Tensor, gamma, *, kind: str = "reward_to_go", baseline=None,
+               dones: Tensor | None = None) -> Tensor:
+    r"""The per-step weights :math:`\Psi_t` of the policy-gradient estimator.
+
+    Let :math:`k_t` be the index of step ``t`` within its episode (0 at a row's first step and after each
+    done) and :math:`b_t` the baseline (0 if ``None``).
+
+    - ``kind="total"``: :math:`\Psi_t = R - b_t`, with :math:`R = \sum_{t'} \gamma^{k_{t'}} r_{t'}` the total
+      discounted return of the episode that step ``t`` belongs to (the same at all its steps). The baseline is
+      subtracted as given: it is on the scale of a total return.
+    - ``kind="reward_to_go"``: :math:`\Psi_t = \sum_{t' \ge t} \gamma^{k_{t'}} r_{t'} - \gamma^{k_t} b_t
+      = \gamma^{k_t} (G_t - b_t)`, with :math:`G_t = \sum_{t' \ge t} \gamma^{t'-t} r_{t'}` the return from
+      step ``t`` to the end of its episode. The baseline is on the scale of :math:`G_t` (a value estimate,
+      :math:`b_t \approx V(s_t)`), and what is subtracted is :math:`\gamma^{k_t} b_t`.
+
+    Both give an unbiased gradient estimate for any baseline that depends only on what is known before
+    action :math:`a_t` is drawn (the history up to :math:`s_t`, or other, independent trajectories).
+
+    Args:
+        rewards: ``[..., T]`` finite floating-point rewards; each row starts at the first step of an episode.
+        gamma: discount factor in (0, 1].
+        kind: ``"total"`` or ``"reward_to_go"``.
+        baseline: ``None``, a real number, or a tensor with as many dims as ``rewards`` that broadcasts to
+            ``[..., T]`` through size-1 dims (e.g. ``[B, 1]``: one value per row). A ``[B]`` tensor is
+            refused: broadcasting it would line it up with the time dim.
+        dones: optional ``[..., T]`` bool episode ends (see :mod:`rl4llm.returns`); ``None``: one episode
+            per row.
+
+    Returns:
+        ``[..., T]`` weights, same dtype as ``rewards`` (computed in float32 for 16-bit inputs).
+    """
+    rewards = check_rewards(rewards)
+    gamma = check_gamma(gamma)
+    dones = check_dones(dones, rewards)
+    if kind not in ("total", "reward_to_go"):
+        raise ValueError(f"kind must be 'total' or 'reward_to_go', got {kind!r}")
+    acc = accumulation_dtype(rewards.dtype)
+    b = _check_baseline(baseline, rewards, acc)
+    r = rewards.to(acc)
+    if kind == "total":
+        psi = episode_returns(r, gamma, dones=dones)
+        if b is not None:
+            psi = psi - b
+    else:
+        psi = reward_to_go(r, gamma, dones=dones, from_start=True)
+        if b is not None:
+            k = torch.arange(r.shape[-1], device=r.device) if dones is None else episode_steps(dones)
+            psi = psi - discount_powers(gamma, k, dtype=acc) * b
+    return psi.to(rewards.dtype)
+
+
+def _check_baseline(baseline, rewards: Tensor, acc: torch.dtype) -> Tensor | None:
+    """Validate a baseline against ``rewards [..., T]``; return it as an ``acc`` tensor, or ``None``."""
+    if baseline is None:
+        return None
+    if isinstance(baseline, Real) and not isinstance(baseline, bool):
+        if not math.isfinite(baseline):
+            raise ValueError(f"baseline must be finite, got {baseline}")
+        return torch.tensor(float(baseline), dtype=acc, device=rewards.device)
+    if not isinstance(baseline, Tensor):
+        raise ValueError(f"baseline must be None, a real number or a tensor, got {type(baseline).__name__}")
+    if baseline.dim() != 0:
+        if baseline.dim() != rewards.dim():
+            raise ValueError(
+                f"baseline must have as many dims as rewards {list(rewards.shape)} (size-1 dims broadcast), "
+                f"got shape {list(baseline.shape)}"
+            )
+        if any(n not in (1, m) for n, m in zip(baseline.shape, rewards.shape, strict=True)):
+            raise ValueError(
+                f"baseline of shape {list(baseline.shape)} does not broadcast to {list(rewards.shape)}"
+            )
+    if baseline.device != rewards.device:
+        raise ValueError(f"baseline is on {baseline.device} but rewards are on {rewards.device}")
+    if not baseline.is_floating_point() or not torch.isfinite(baseline).all():
+        raise ValueError("baseline must be a finite floating-point tensor")
+    return baseline.to(acc)
+
+
+def batch_mean_baseline(values: Tensor, mask: Tensor) -> Tensor:
+    """Leave-one-out batch baseline: at row ``i`` and step ``t``, the mean of ``values[j, t]`` over the
+    *other* rows ``j != i`` whose step ``t`` is real.
+
+    Leaving row ``i`` out keeps the baseline independent of trajectory ``i``, so the gradient estimate stays
+    unbiased. Where no other row has a real step ``t``, the baseline is 0.
+
+    Args:
+        values: ``[B, T]`` what the baseline should predict, e.g. the return from each step
+            (:func:`~rl4llm.returns.discounted_returns`) for ``kind="reward_to_go"``.
+        mask: ``[B, T]`` bool (or 0/1), True at real steps.
+
+    Returns:
+        ``[B, T]`` baseline, same dtype as ``values``.
+    """
+    values = check_rewards(values)
+    if values.dim() != 2:
+        raise ValueError(f"values must have shape [B, T], got {list(values.shape)}")
+    mask = check_dones(mask, values, name="mask", like_name="values")
+    acc = accumulation_dtype(values.dtype)
+    m = mask.to(acc)
+    v = torch.where(mask, values.to(acc), torch.zeros((), dtype=acc, device=values.device))
+    others_sum = v.sum(0, keepdim=True) - v
+    others_count = m.sum(0, keepdim=True) - m
+    base = torch.where(others_count > 0, others_sum / others_count.clamp(min=1), torch.zeros_like(v))
+    return base.to(values.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. The surrogate
+# ----------------------------------------------------------------------------------------------------------
+
+
+def reinforce_surrogate(logp: Tensor, weights: Tensor, mask: Tensor | None = None) -> Tensor:
+    r"""The REINFORCE surrogate
+    :math:`L = \frac1B \sum_b \sum_t m_{b,t} \Psi_{b,t} \log \pi_\theta(a_{b,t} \mid s_{b,t})`.
+
+    Its gradient is the per-trajectory estimate
+    :math:`\sum_t \Psi_t \nabla_\theta \log \pi_\theta(a_t \mid s_t)` averaged over the ``B`` trajectories
+    (rows): *maximise* ``L`` (minimise ``-L``) to ascend :math:`J`. ``B`` is the number of rows, the product
+    of the leading dims (1 for a ``[T]`` input), whatever the mask. The value of ``L`` means nothing; only its
+    gradient does.
+
+    The weights are detached here, so no gradient flows into them even when they were computed from
+    something that requires grad (a learned baseline). Masked-out steps contribute exactly zero, even if
+    ``logp`` or ``weights`` hold ``-inf`` or NaN there.
+
+    Args:
+        logp: ``[..., T]`` log-probabilities :math:`\log \pi_\theta(a_t \mid s_t)` of the actions taken,
+            usually requiring grad.
+        weights: ``[..., T]`` weights :math:`\Psi_t`, exactly the shape of ``logp`` (``[B, 1]`` against
+            ``[B, T]`` is refused, not broadcast).
+        mask: optional ``[..., T]`` bool or 0/1, True at real steps, not all zero. ``None``: all steps real.
+
+    Returns:
+        Scalar tensor, float32 (float64 if ``logp`` is float64).
+    """
+    if not isinstance(logp, Tensor) or logp.dim() < 1 or not logp.is_floating_point():
+        raise ValueError("logp must be a floating-point torch.Tensor of shape [..., T]")
+    if not isinstance(weights, Tensor) or weights.shape != logp.shape:
+        shape = list(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(f"weights must be a tensor of exactly logp's shape {list(logp.shape)}, got {shape}")
+    if weights.device != logp.device:
+        raise ValueError(f"weights are on {weights.device} but logp is on {logp.device}")
+    if not weights.is_floating_point():
+        raise ValueError(f"weights must be a floating-point tensor, got dtype {weights.dtype}")
+    if mask is None:
+        mask = torch.ones_like(logp, dtype=torch.bool)
+    mask = check_dones(mask, logp, name="mask", like_name="logp")
+    if not mask.any():
+        raise ValueError("mask has no real step (all zeros, or T = 0): the surrogate would be empty")
+    if not torch.isfinite(weights.detach()[mask]).all():
+        raise ValueError("weights contain NaN or infinite values at real (unmasked) steps")
+    if not torch.isfinite(logp.detach()[mask]).all():
+        raise ValueError("logp contains NaN or infinite values at real (unmasked) steps")
+    acc = torch.promote_types(logp.dtype, torch.float32)
+    zero = torch.zeros((), dtype=acc, device=logp.device)
+    w = torch.where(mask, weights.detach().to(acc), zero)
+    terms = torch.where(mask, logp.to(acc) * w, zero)
+    n_rows = logp.numel() // logp.shape[-1]
+    return terms.sum() / n_rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. The policy
+# ----------------------------------------------------------------------------------------------------------
+
+
+class PolicyNet(nn.Module):
+    """An MLP policy over discrete actions: observations ``[..., obs_dim]`` to logits ``[..., n_actions]``.
+
+    Hidden layers use tanh. The output layer starts with its weights scaled down 100-fold and zero bias, so
+    the initial policy is close to uniform.
+
+    Args:
+        obs_dim: size of an observation vector.
+        n_actions: number of discrete actions.
+        hidden: width of the hidden layer, or a sequence of widths (one per layer; empty: a linear policy).
+        dtype: parameter dtype; observations are cast to it.
+    """
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden: int | tuple[int, ...] | list[int] = 64, *,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        widths = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+        for name, v in (("obs_dim", obs_dim), ("n_actions", n_actions), *(("hidden", h) for h in widths)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.obs_dim, self.n_actions = obs_dim, n_actions
+        sizes = (obs_dim, *widths)
+        layers: list[nn.Module] = []
+        for d_in, d_out in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [nn.Linear(d_in, d_out, dtype=dtype), nn.Tanh()]
+        head = nn.Linear(sizes[-1], n_actions, dtype=dtype)
+        with torch.no_grad():
+            head.weight.mul_(0.01)
+            head.bias.zero_()
+        self.net = nn.Sequential(*layers, head)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """Logits ``[..., n_actions]`` for observations ``[..., obs_dim]``."""
+        if not isinstance(obs, Tensor) or obs.dim() < 1 or obs.shape[-1] != self.obs_dim:
+            shape = list(obs.shape) if isinstance(obs, Tensor) else type(obs).__name__
+            raise ValueError(f"obs must be a tensor of shape [..., {self.obs_dim}], got {shape}")
+        return self.net(obs.to(self.net[-1].weight.dtype))
+
+    def dist(self, obs: Tensor) -> Categorical:
+        r"""The action distribution :math:`\pi_\theta(\cdot \mid s)` for observations ``[..., obs_dim]``."""
+        return Categorical(logits=self(obs))
+
+    def log_prob(self, obs: Tensor, actions: Tensor) -> Tensor:
+        r""":math:`\log \pi_\theta(a \mid s)` ``[...]`` for ``obs [..., obs_dim]`` and ``actions [...]``."""
+        logits = self(obs)
+        if not isinstance(actions, Tensor) or actions.shape != logits.shape[:-1]:
+            shape = list(actions.shape) if isinstance(actions, Tensor) else type(actions).__name__
+            raise ValueError(f"actions must have shape {list(logits.shape[:-1])}, got {shape}")
+        if actions.dtype == torch.bool or actions.is_floating_point() or actions.is_complex():
+            raise ValueError(f"actions must be an integer tensor, got dtype {actions.dtype}")
+        if actions.numel() and (actions.min() < 0 or actions.max() >= self.n_actions):
+            raise ValueError(f"actions must lie in [0, {self.n_actions}), got values outside")
+        return F.log_softmax(logits, dim=-1).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+
+    def act(self, obs: Tensor, generator: torch.Generator | None = None, *,
+            greedy: bool = False) -> tuple[Tensor, Tensor]:
+        """Sample actions (or take the most likely ones) for observations ``[B, obs_dim]``.
+
+        Args:
+            obs: ``[B, obs_dim]`` observations.
+            generator: optional ``torch.Generator`` on the policy's device, for reproducible samples.
+            greedy: take the argmax action instead of sampling.
+
+        Returns:
+            ``(actions, logp)``: int64 actions ``[B]`` and their log-probabilities ``[B]``.
+        """
+        logits = self(obs)
+        logp_all = F.log_softmax(logits, dim=-1)
+        if greedy:
+            actions = logits.argmax(-1)
+        else:
+            if generator is not None and generator.device.type != logits.device.type:
+                raise ValueError(f"generator is on {generator.device} but the policy runs on {logits.device}")
+            # Inverse-CDF sampling (torch.distributions cannot take a generator): the action is the number
+            # of CDF boundaries at or below a uniform draw.
+            cdf = logp_all.exp().cumsum(-1)
+            u = torch.rand(logits.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype, device=cdf.device)
+            actions = (u >= cdf[..., :-1]).sum(-1)
+        return actions, logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Collecting episodes, training, evaluating
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Episodes:
+    """One complete episode per row, aligned at its first step and padded after its end.
+
+    Attributes:
+        obs: ``[B, T, obs_dim]`` observation :math:`s_t` before each action.
+        actions: ``[B, T]`` int64 actions :math:`a_t`.
+        rewards: ``[B, T]`` rewards :math:`r_t`; 0 at padding steps.
+        mask: ``[B, T]`` bool, True at the episode's real steps (a prefix of each row).
+        dones: ``[B, T]`` bool, True exactly at each episode's last step.
+        terminated: ``[B]`` bool: True if the episode ended in a terminal state, False if the time limit
+            truncated it.
+    """
+
+    obs: Tensor
+    actions: Tensor
+    rewards: Tensor
+    mask: Tensor
+    dones: Tensor
+    terminated: Tensor
+
+    @property
+    def lengths(self) -> Tensor:
+        """``[B]`` int64 episode lengths."""
+        return self.mask.sum(-1)
+
+    @property
+    def returns(self) -> Tensor:
+        """``[B]`` undiscounted episode returns."""
+        return self.rewards.sum(-1)
+
+
+def _env_sizes(env: gym.vector.VectorEnv) -> tuple[int, int]:
+    """``(obs_dim, n_actions)`` of a vector env with a 1-D Box observation space and Discrete actions."""
+    obs_space, act_space = env.single_observation_space, env.single_action_space
+    if not isinstance(act_space, gym.spaces.Discrete) or act_space.start != 0:
+        raise ValueError(f"env must have Discrete actions starting at 0, got {act_space}")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise ValueError(f"env must have a 1-D Box observation space, got {obs_space}")
+    return int(obs_space.shape[0]), int(act_space.n)
+
+
+def collect_episodes(env: gym.vector.VectorEnv, policy: PolicyNet, *,
+                     generator: torch.Generator | None = None, seed: int | None = None, greedy: bool = False,
+                     max_steps: int = 100_000) -> Episodes:
+    """Reset every sub-environment and run each until its first episode ends: ``B = env.num_envs`` episodes.
+
+    Each sub-environment contributes exactly one complete episode, so the rows are independent samples of
+    whole trajectories, which is what the Monte Carlo estimator needs (keeping only the episodes that finish
+    within a fixed step budget would favour short ones). An episode ends when the environment reports
+    ``terminated`` (a terminal state) or ``truncated`` (a time limit: 500 steps in CartPole-v1). Both are
+    treated alike: the objective is the return over the time-limited episode, so nothing is bootstrapped.
+
+    Once its episode has ended a sub-environment keeps being stepped (the others are still running), but
+    nothing it returns is recorded: with gymnasium's default next-step autoreset, the step after a done
+    returns a reset observation and a reward that belong to no action of the episode. The rows are padded
+    there (reward 0, mask False), so the result does not depend on the autoreset mode.
+
+    Args:
+        env: a gymnasium vector environment with a 1-D ``Box`` observation space and ``Discrete`` actions.
+        policy: the policy; the returned tensors live on its device.
+        generator: optional generator on the policy's device for the action samples.
+        seed: passed to ``env.reset`` (``None``: continue the environments' random streams).
+        greedy: take argmax actions instead of sampling.
+        max_steps: raise ``RuntimeError`` if some episode has not ended after this many steps.
+
+    Returns:
+        :class:`Episodes` with ``T`` the length of the longest episode.
+    """
+    obs_dim, n_actions = _env_sizes(env)
+    if (obs_dim, n_actions) != (policy.obs_dim, policy.n_actions):
+        raise ValueError(
+            f"policy maps {policy.obs_dim} observations to {policy.n_actions} actions; "
+            f"env has {obs_dim} and {n_actions}"
+        )
+    param = next(policy.parameters())
+    device, dtype = param.device, param.dtype
+
+    obs, _ = env.reset(seed=seed)
+    running = np.ones(env.num_envs, dtype=bool)        # sub-environments whose first episode goes on
+    ended_terminal = np.zeros(env.num_envs, dtype=bool)
+    record: dict[str, list[np.ndarray]] = {"obs": [], "actions": [], "rewards": [], "mask": [], "dones": []}
+    for _ in range(max_steps):
+        obs = np.array(obs)                             # a copy: some vector envs reuse their buffers
+        with torch.no_grad():
+            actions, _ = policy.act(torch.from_numpy(obs).to(device, dtype), generator, greedy=greedy)
+        actions = actions.cpu().numpy()
+        next_obs, reward, terminated, truncated, _ = env.step(actions)
+        done = np.logical_or(terminated, truncated) & running
+        record["obs"].append(obs)
+        record["actions"].append(actions)
+        record["rewards"].append(np.where(running, reward, 0.0))
+        record["mask"].append(running.copy())
+        record["dones"].append(done)
+        ended_terminal |= np.asarray(terminated, dtype=bool) & running
+        running &= ~done
+        obs = next_obs
+        if not running.any():
+            break
+    else:
+        raise RuntimeError(f"{int(running.sum())} of {env.num_envs} episodes did not end within "
+                           f"max_steps={max_steps}")
+
+    def stacked(key: str, as_dtype: torch.dtype) -> Tensor:     # time-last: [B, T, ...]
+        return torch.from_numpy(np.stack(record[key], axis=1)).to(device=device, dtype=as_dtype)
+
+    return Episodes(
+        obs=stacked("obs", dtype),
+        actions=stacked("actions", torch.int64),
+        rewards=stacked("rewards", dtype),
+        mask=stacked("mask", torch.bool),
+        dones=stacked("dones", torch.bool),
+        terminated=torch.from_numpy(ended_terminal).to(device),
+    )
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def reinforce(env_id: str = "CartPole-v1", *, num_envs: int = 32, iterations: int = 30, lr: float = 2e-2,
+              gamma: float = 1.0, hidden: int | tuple[int, ...] = 32, seed: int = 0,
+              device: str | torch.device | None = None, weights: str = "reward_to_go", baseline=None,
+              log_every: int | None = None) -> dict:
+    r"""Train a :class:`PolicyNet` with REINFORCE on a gymnasium environment with discrete actions.
+
+    Each iteration samples ``num_envs`` complete episodes, one per sub-environment of a vector environment
+    (:func:`collect_episodes`); computes :math:`\log \pi_\theta(a_t \mid s_t)` at all their steps in one
+    batched forward pass; weights them by :func:`pg_weights`; and takes one Adam step on
+    ``-reinforce_surrogate(logp, weights, mask)``, i.e. along the REINFORCE gradient estimate averaged over
+    the ``num_envs`` episodes. The environment steps per iteration are the sum of the episode lengths, so
+    they grow as the policy improves (about 700 at first on CartPole, up to 16,000).
+
+    The defaults take CartPole-v1 from an average return of about 25 to well above 195 within 30 iterations
+    (seeds 0 to 5), in a few seconds of CPU time.
+
+    All randomness comes from ``seed``: :func:`~rl4llm.device.seed_everything` seeds the global generators
+    (and so the network's initialisation), a generator on ``device`` draws the actions, and the environments
+    are reset with ``seed`` at the first iteration. On one machine, with the same number of threads, the same
+    seed gives the same history.
+
+    Args:
+        env_id: gymnasium id of an environment with a 1-D Box observation space, Discrete actions and
+            episodes that end (CartPole-v1 truncates them at 500 steps).
+        num_envs: parallel environments, which is also the number of episodes per iteration.
+        iterations: number of gradient steps.
+        lr: Adam learning rate.
+        gamma: discount factor in (0, 1].
+        hidden: hidden width of the policy MLP (or a sequence of widths).
+        seed: non-negative int.
+        device: device for the policy and all tensors; ``None``: :func:`~rl4llm.device.get_device`.
+        weights: ``"reward_to_go"`` or ``"total"`` (the ``kind`` of :func:`pg_weights`).
+        baseline: ``None``; a real number (subtracted as described in :func:`pg_weights`); or
+            ``"batch_mean"``: the leave-one-out mean over the other episodes of the batch
+            (:func:`batch_mean_baseline`) of the return from step ``t`` (``weights="reward_to_go"``) or of
+            the episode's return (``weights="total"``).
+        log_every: print a progress line every this many iterations (``None``: silent).
+
+    Returns:
+        A dict of per-iteration lists: ``"iteration"``; ``"env_steps"`` and ``"episodes"``, cumulative
+        counts of the steps and episodes used; ``"mean_return"`` and ``"mean_length"``, the mean undiscounted
+        return and length of the iteration's episodes (collected before its update). And ``"policy"``, the
+        trained :class:`PolicyNet`.
+    """
+    if not isinstance(env_id, str):
+        raise ValueError(f"env_id must be a gymnasium environment id (str), got {env_id!r}")
+    _check_positive_int("num_envs", num_envs)
+    _check_positive_int("iterations", iterations)
+    if isinstance(lr, bool) or not isinstance(lr, Real) or not (0 < lr < math.inf):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    gamma = check_gamma(gamma)
+    if weights not in ("total", "reward_to_go"):
+        raise ValueError(f"weights must be 'reward_to_go' or 'total', got {weights!r}")
+    numeric_baseline = (isinstance(baseline, Real) and not isinstance(baseline, bool)
+                        and math.isfinite(baseline))
+    if not (baseline is None or baseline == "batch_mean" or numeric_baseline):
+        raise ValueError(f"baseline must be None, 'batch_mean' or a finite number, got {baseline!r}")
+    if log_every is not None:
+        _check_positive_int("log_every", log_every)
+    device = get_device(None if device is None else str(device))
+
+    seed_everything(seed)
+    env = gym.make_vec(env_id, num_envs=num_envs)     # gymnasium's own vectorised CartPole, else sync
+    try:
+        policy = PolicyNet(*_env_sizes(env), hidden, dtype=torch.float32).to(device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        optimizer = torch.optim.Adam(policy.parameters(), lr=float(lr))
+        keys = ("iteration", "env_steps", "episodes", "mean_return", "mean_length")
+        history: dict = {k: [] for k in keys}
+        env_steps = 0
+        for it in range(iterations):
+            batch = collect_episodes(env, policy, generator=generator, seed=seed if it == 0 else None)
+            b = baseline
+            if baseline == "batch_mean":
+                if weights == "reward_to_go":
+                    targets = discounted_returns(batch.rewards, gamma, dones=batch.dones)
+                else:
+                    targets = episode_returns(batch.rewards, gamma, dones=batch.dones)
+                b = batch_mean_baseline(targets, batch.mask)
+            psi = pg_weights(batch.rewards, gamma, kind=weights, baseline=b, dones=batch.dones)   # [B, T]
+            logp = policy.log_prob(batch.obs, batch.actions)                                    # [B, T]
+            loss = -reinforce_surrogate(logp, psi, batch.mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+            env_steps += int(batch.lengths.sum())
+            history["iteration"].append(it)
+            history["env_steps"].append(env_steps)
+            history["episodes"].append((it + 1) * num_envs)
+            history["mean_return"].append(batch.returns.mean().item())
+            history["mean_length"].append(batch.lengths.double().mean().item())
+            if log_every is not None and (it % log_every == 0 or it == iterations - 1):
+                mean_return = history["mean_return"][-1]
+                print(f"iteration {it:4d}  env steps {env_steps:8d}  mean return {mean_return:6.1f}")
+    finally:
+        env.close()
+    history["policy"] = policy
+    return history
+
+
+def evaluate(policy: PolicyNet, env_id: str = "CartPole-v1", episodes: int = 20, seed: int = 0, *,
+             greedy: bool = False) -> float:
+    """Mean undiscounted return of ``policy`` over ``episodes`` complete episodes (no update).
+
+    Args:
+        policy: the policy to run, on any device.
+        env_id: gymnasium id (see :func:`reinforce`).
+        episodes: number of episodes, run in parallel (one per sub-environment).
+        seed: seeds both the environments and the action sampling.
+        greedy: take argmax actions instead of sampling.
+
+    Returns:
+        The mean return, a Python float.
+    """
+    if not isinstance(policy, PolicyNet):
+        raise ValueError(f"policy must be a PolicyNet, got {type(policy).__name__}")
+    _check_positive_int("episodes", episodes)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    device = next(policy.parameters()).device
+    env = gym.make_vec(env_id, num_envs=episodes)
+    try:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        batch = collect_episodes(env, policy, generator=generator, seed=seed, greedy=greedy)
+    finally:
+        env.close()
+    return batch.returns.mean().item()

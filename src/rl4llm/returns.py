@@ -1,0 +1,289 @@
+r"""Discounted returns and reward-to-go, with episode boundaries.
+
+Every policy-gradient estimator in the book weights the score
+:math:`\nabla_\theta \log \pi_\theta(a_t \mid s_t)` by some sum of rewards. This module computes those sums
+for a batch of reward sequences:
+
+- :func:`discounted_returns` -- the return from step ``t`` on, :math:`G_t = r_t + \gamma G_{t+1}`, the
+  quantity a value function estimates;
+- :func:`reward_to_go` -- the policy-gradient weight of step ``t``: the same sum with the discount counted
+  from the episode's first step (:math:`\gamma^t G_t`, the form whose expectation is the exact gradient of
+  the discounted objective), or from step ``t`` (:math:`G_t`);
+- :func:`episode_returns` -- the total discounted return of the episode, repeated at every one of its steps;
+- :func:`episode_steps` and :func:`discount_powers` -- the index of each step within its episode and
+  :math:`\gamma` raised to it.
+
+Conventions. Tensors are time-last: ``rewards`` has shape ``[..., T]`` with any number of leading (batch)
+dims. Episode boundaries are explicit: ``dones[..., t]`` is True when the episode ended at step ``t``, so
+rewards after ``t`` belong to a different episode; the step after a done is the first step of the next
+episode. Each row is assumed to start at the first step of an episode. A row whose last step is not a done
+ends mid-episode; the sums simply stop there (or, in :func:`discounted_returns`, continue with a
+``bootstrap`` value).
+
+Low-precision inputs (bfloat16, float16) are accumulated in float32 and the result is cast back to the input
+dtype; float32 and float64 are accumulated in their own precision. The recursions are backward loops over
+``T``, vectorised over the batch dims.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "discount_powers",
+    "discounted_returns",
+    "episode_returns",
+    "episode_steps",
+    "reward_to_go",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation helpers (shared with rl4llm.pg)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_gamma(gamma) -> float:
+    """Return ``gamma`` as a Python float, or raise ``ValueError`` unless it is a real number in (0, 1]."""
+    if isinstance(gamma, Tensor):
+        if gamma.numel() != 1:
+            raise ValueError(f"gamma must be a scalar, got a tensor of shape {list(gamma.shape)}")
+        gamma = gamma.item()
+    if isinstance(gamma, bool) or not isinstance(gamma, Real):
+        raise ValueError(f"gamma must be a real number in (0, 1], got {gamma!r}")
+    gamma = float(gamma)
+    if not (0.0 < gamma <= 1.0):  # also rejects NaN
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    return gamma
+
+
+def check_rewards(rewards) -> Tensor:
+    """Raise ``ValueError`` unless ``rewards`` is a finite floating-point tensor ``[..., T]``."""
+    if not isinstance(rewards, Tensor):
+        raise ValueError(f"rewards must be a torch.Tensor of shape [..., T], got {type(rewards).__name__}")
+    if rewards.dim() < 1:
+        raise ValueError("rewards must have at least one dim (time last, [..., T]), got a 0-dim tensor")
+    if not rewards.is_floating_point():
+        raise ValueError(f"rewards must be a floating-point tensor, got dtype {rewards.dtype}")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards contain NaN or infinite values")
+    return rewards
+
+
+def as_bool(x: Tensor, name: str) -> Tensor:
+    """``x`` as a bool tensor: bool tensors as they are, numeric ones only if all entries are 0 or 1."""
+    if x.dtype == torch.bool:
+        return x
+    if x.is_complex() or not ((x == 0) | (x == 1)).all():
+        raise ValueError(f"{name} must be a bool tensor, or numeric with values in {{0, 1}}")
+    return x != 0
+
+
+def check_dones(dones, like: Tensor, name: str = "dones", like_name: str = "rewards") -> Tensor | None:
+    """Return ``dones`` as a bool tensor of exactly ``like``'s shape (or ``None``), or raise ``ValueError``.
+
+    Also used for masks (``name="mask"``).
+    """
+    if dones is None:
+        return None
+    if not isinstance(dones, Tensor):
+        raise ValueError(
+            f"{name} must be a torch.Tensor of shape {list(like.shape)}, got {type(dones).__name__}"
+        )
+    if dones.shape != like.shape:
+        raise ValueError(
+            f"{name} must have the same shape as {like_name} {list(like.shape)}, got {list(dones.shape)}"
+        )
+    if dones.device != like.device:
+        raise ValueError(f"{name} is on {dones.device} but {like_name} is on {like.device}")
+    return as_bool(dones, name)
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums are accumulated in: float32 for 16-bit floats, else ``dtype`` itself."""
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Position within an episode
+# ----------------------------------------------------------------------------------------------------------
+
+
+def episode_steps(dones: Tensor) -> Tensor:
+    """The index of each step within its episode.
+
+    Step ``t`` of a row has index ``k_t = 0`` if it is the row's first step or follows a done, and
+    ``k_t = k_{t-1} + 1`` otherwise.
+
+    Args:
+        dones: ``[..., T]`` bool (or 0/1) tensor, True at step ``t`` when the episode ended there.
+
+    Returns:
+        ``[..., T]`` int64 tensor of step indices.
+    """
+    if not isinstance(dones, Tensor) or dones.dim() < 1:
+        raise ValueError("dones must be a torch.Tensor of shape [..., T] with at least one dim")
+    dones = as_bool(dones, "dones")
+    T = dones.shape[-1]
+    t = torch.arange(T, device=dones.device).expand(dones.shape)
+    if T == 0:
+        return t.clone()
+    starts = torch.zeros_like(dones)
+    starts[..., 0] = True
+    starts[..., 1:] = dones[..., :-1]
+    # The first step of the current episode is the latest start at or before t.
+    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=-1).values
+    return t - first
+
+
+def discount_powers(gamma, steps: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    r"""``gamma ** steps``, elementwise.
+
+    Args:
+        gamma: discount factor in (0, 1].
+        steps: integer tensor of any shape, e.g. ``torch.arange(T)`` or the output of :func:`episode_steps`.
+        dtype: floating dtype of the result.
+
+    Returns:
+        Tensor shaped like ``steps`` with entries :math:`\gamma^{k}`, on ``steps``' device.
+    """
+    gamma = check_gamma(gamma)
+    if not isinstance(steps, Tensor) or steps.dtype == torch.bool or not _is_integer(steps.dtype):
+        raise ValueError("steps must be an integer tensor")
+    if (steps < 0).any():
+        raise ValueError("steps must be non-negative")
+    return torch.pow(torch.tensor(gamma, dtype=dtype, device=steps.device), steps.to(dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The backward recursion
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _backward_sum(rewards: Tensor, gamma: float, continues: Tensor | None, last: Tensor) -> Tensor:
+    """``G_t = r_t + gamma * continues_t * G_{t+1}``, ``G_T = last``; inputs already validated and upcast.
+
+    Shapes: ``rewards [..., T]``, ``continues [..., T]`` (same dtype, 0/1) or ``None``, ``last [...]``.
+    """
+    out = torch.empty_like(rewards)
+    g = last
+    for t in range(rewards.shape[-1] - 1, -1, -1):
+        carry = gamma * g if continues is None else gamma * continues[..., t] * g
+        g = rewards[..., t] + carry
+        out[..., t] = g
+    return out
+
+
+def discounted_returns(rewards: Tensor, gamma, *, dones: Tensor | None = None, bootstrap=None) -> Tensor:
+    r"""Discounted return from each step on: :math:`G_t = r_t + \gamma (1 - d_t) G_{t+1}`, :math:`G_T = b`.
+
+    Args:
+        rewards: ``[..., T]`` floating-point rewards, finite.
+        gamma: discount factor in (0, 1].
+        dones: optional ``[..., T]`` bool; True at step ``t`` when the episode ended there, which stops the
+            sum (no reward after ``t`` is added to :math:`G_t`). ``None``: no episode ends inside the window.
+        bootstrap: value :math:`b` of the state after the last step, used only for rows whose last step is
+            not a done: ``None`` (zero), a real number, or a ``[...]`` tensor (one value per row).
+
+    Returns:
+        ``[..., T]`` tensor :math:`G_t`, same dtype as ``rewards``.
+    """
+    rewards = check_rewards(rewards)
+    gamma = check_gamma(gamma)
+    dones = check_dones(dones, rewards)
+    acc = accumulation_dtype(rewards.dtype)
+    batch = rewards.shape[:-1]
+    if bootstrap is None:
+        last = torch.zeros(batch, dtype=acc, device=rewards.device)
+    elif isinstance(bootstrap, Tensor):
+        if bootstrap.shape != batch:
+            raise ValueError(
+                f"bootstrap must have shape {list(batch)} (rewards' shape without the time dim), "
+                f"got {list(bootstrap.shape)}"
+            )
+        if bootstrap.device != rewards.device:
+            raise ValueError(f"bootstrap is on {bootstrap.device} but rewards are on {rewards.device}")
+        if not bootstrap.is_floating_point() or not torch.isfinite(bootstrap).all():
+            raise ValueError("bootstrap must be a finite floating-point tensor")
+        last = bootstrap.to(acc)
+    elif isinstance(bootstrap, Real) and not isinstance(bootstrap, bool) and math.isfinite(bootstrap):
+        last = torch.full(batch, float(bootstrap), dtype=acc, device=rewards.device)
+    else:
+        raise ValueError(f"bootstrap must be None, a finite real number or a tensor of shape {list(batch)}")
+    continues = None if dones is None else (~dones).to(acc)
+    return _backward_sum(rewards.to(acc), gamma, continues, last).to(rewards.dtype)
+
+
+def reward_to_go(rewards: Tensor, gamma, *, dones: Tensor | None = None, from_start: bool = True) -> Tensor:
+    r"""The policy-gradient weight of each step: discounted rewards from step ``t`` to the end of its episode.
+
+    Let :math:`k_t` be the index of step ``t`` within its episode (:func:`episode_steps`; 0 at the row's first
+    step and right after every done). Then
+
+    - ``from_start=True``: :math:`\Psi_t = \sum_{t' \ge t} \gamma^{k_{t'}} r_{t'} = \gamma^{k_t} G_t`, the
+      discount counted from the episode's first step. This is the weight whose estimator has expectation equal
+      to the gradient of the discounted objective :math:`\mathbb E[\sum_t \gamma^t r_t]`.
+    - ``from_start=False``: :math:`G_t = \sum_{t' \ge t} \gamma^{t' - t} r_{t'}`, the discount counted from
+      step ``t`` (what :func:`discounted_returns` returns with no bootstrap). Dropping the factor
+      :math:`\gamma^{k_t}` biases the gradient unless :math:`\gamma = 1`, where the two forms coincide.
+
+    Both sums run over ``t' >= t`` in the same episode: they stop at the first done at or after ``t``.
+
+    Args:
+        rewards: ``[..., T]`` floating-point rewards, finite.
+        gamma: discount factor in (0, 1].
+        dones: optional ``[..., T]`` bool episode ends (see the module docstring). ``None``: each row is one
+            episode that starts at its first step.
+        from_start: count the discount from the episode's first step (True) or from step ``t`` (False).
+
+    Returns:
+        ``[..., T]`` tensor, same dtype as ``rewards``.
+    """
+    if not from_start:
+        return discounted_returns(rewards, gamma, dones=dones)
+    rewards = check_rewards(rewards)
+    gamma = check_gamma(gamma)
+    dones = check_dones(dones, rewards)
+    acc = accumulation_dtype(rewards.dtype)
+    if dones is None:
+        steps = torch.arange(rewards.shape[-1], device=rewards.device)
+        continues = None
+    else:
+        steps = episode_steps(dones)
+        continues = (~dones).to(acc)
+    weighted = discount_powers(gamma, steps, dtype=acc) * rewards.to(acc)
+    last = torch.zeros(rewards.shape[:-1], dtype=acc, device=rewards.device)
+    return _backward_sum(weighted, 1.0, continues, last).to(rewards.dtype)
+
+
+def episode_returns(rewards: Tensor, gamma, *, dones: Tensor | None = None) -> Tensor:
+    r"""The total discounted return :math:`\sum_{k} \gamma^{k} r_k` of the episode each step belongs to.
+
+    Every step of an episode gets the same value, the reward-to-go (from the start) of its first step. For the
+    last, unfinished episode of a row the sum covers the steps observed.
+
+    Args:
+        rewards: ``[..., T]`` floating-point rewards, finite.
+        gamma: discount factor in (0, 1].
+        dones: optional ``[..., T]`` bool episode ends. ``None``: each row is a single episode.
+
+    Returns:
+        ``[..., T]`` tensor, same dtype as ``rewards``.
+    """
+    rtg = reward_to_go(rewards, gamma, dones=dones, from_start=True)
+    if rtg.shape[-1] == 0:
+        return rtg
+    if dones is None:
+        return rtg[..., :1].expand(rtg.shape).clone()
+    dones = check_dones(dones, rewards)
+    steps = episode_steps(dones)
+    first = torch.arange(rtg.shape[-1], device=rtg.device) - steps  # index of the episode's first step
+    return rtg.gather(-1, first)
