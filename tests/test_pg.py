@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rl4llm import pg
+from rl4llm.baselines import leave_one_out_baseline
 from rl4llm.pg import (
     PolicyNet,
-    batch_mean_baseline,
     collect_episodes,
     evaluate,
     pg_weights,
@@ -122,21 +122,21 @@ def test_pg_weights_validation():
         pg_weights(r, 0.9, dones=torch.zeros(4, 1, dtype=torch.bool))
 
 
-def test_batch_mean_baseline_is_leave_one_out():
+def test_leave_one_out_baseline_with_a_mask_matches_a_loop():
     rng = torch.Generator().manual_seed(0)
     v = torch.randn(5, 6, generator=rng, dtype=torch.float64)
     m = torch.rand(5, 6, generator=rng) < 0.7
     m[:, 0] = True
     m[1:, 5] = False  # only row 0 is alive at t = 5: no other row, baseline 0
-    got = batch_mean_baseline(v, m)
+    got = leave_one_out_baseline(v, 0, mask=m)
     for i, t in itertools.product(range(5), range(6)):
         others = [v[j, t].item() for j in range(5) if j != i and m[j, t]]
         want = sum(others) / len(others) if others else 0.0
         assert abs(got[i, t].item() - want) < 1e-12
-    with pytest.raises(ValueError, match="values"):
-        batch_mean_baseline(torch.ones(5), torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        leave_one_out_baseline(torch.ones(1, 4), 0)
     with pytest.raises(ValueError, match="mask"):
-        batch_mean_baseline(v, m[:, :3])
+        leave_one_out_baseline(v, 0, mask=m[:, :3])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -420,8 +420,8 @@ def test_reinforce_smoke_and_determinism(one_thread):
     assert isinstance(score, float) and score == evaluate(h1["policy"], "CartPole-v1", episodes=4, seed=0)
 
 
-@pytest.mark.parametrize("options", [dict(weights="total", baseline="batch_mean"),
-                                     dict(weights="reward_to_go", baseline="batch_mean", gamma=1.0),
+@pytest.mark.parametrize("options", [dict(weights="total", baseline="leave_one_out"),
+                                     dict(weights="reward_to_go", baseline="leave_one_out", gamma=1.0),
                                      dict(weights="reward_to_go", baseline=20.0)])
 def test_reinforce_variants_run(options, one_thread):
     h = reinforce(seed=0, **{**SMOKE, "iterations": 2, **options})

@@ -45,7 +45,6 @@ from rl4llm.returns import (
 __all__ = [
     "Episodes",
     "PolicyNet",
-    "batch_mean_baseline",
     "collect_episodes",
     "evaluate",
     "pg_weights",
@@ -135,34 +134,6 @@ def _check_baseline(baseline, rewards: Tensor, acc: torch.dtype) -> Tensor | Non
     if not baseline.is_floating_point() or not torch.isfinite(baseline).all():
         raise ValueError("baseline must be a finite floating-point tensor")
     return baseline.to(acc)
-
-
-def batch_mean_baseline(values: Tensor, mask: Tensor) -> Tensor:
-    """Leave-one-out batch baseline: at row ``i`` and step ``t``, the mean of ``values[j, t]`` over the
-    *other* rows ``j != i`` whose step ``t`` is real.
-
-    Leaving row ``i`` out keeps the baseline independent of trajectory ``i``, so the gradient estimate stays
-    unbiased. Where no other row has a real step ``t``, the baseline is 0.
-
-    Args:
-        values: ``[B, T]`` what the baseline should predict, e.g. the return from each step
-            (:func:`~rl4llm.returns.discounted_returns`) for ``kind="reward_to_go"``.
-        mask: ``[B, T]`` bool (or 0/1), True at real steps.
-
-    Returns:
-        ``[B, T]`` baseline, same dtype as ``values``.
-    """
-    values = check_rewards(values)
-    if values.dim() != 2:
-        raise ValueError(f"values must have shape [B, T], got {list(values.shape)}")
-    mask = check_dones(mask, values, name="mask", like_name="values")
-    acc = accumulation_dtype(values.dtype)
-    m = mask.to(acc)
-    v = torch.where(mask, values.to(acc), torch.zeros((), dtype=acc, device=values.device))
-    others_sum = v.sum(0, keepdim=True) - v
-    others_count = m.sum(0, keepdim=True) - m
-    base = torch.where(others_count > 0, others_sum / others_count.clamp(min=1), torch.zeros_like(v))
-    return base.to(values.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -466,9 +437,9 @@ def reinforce(env_id: str = "CartPole-v1", *, num_envs: int = 32, iterations: in
         device: device for the policy and all tensors; ``None``: :func:`~rl4llm.device.get_device`.
         weights: ``"reward_to_go"`` or ``"total"`` (the ``kind`` of :func:`pg_weights`).
         baseline: ``None``; a real number (subtracted as described in :func:`pg_weights`); or
-            ``"batch_mean"``: the leave-one-out mean over the other episodes of the batch
-            (:func:`batch_mean_baseline`) of the return from step ``t`` (``weights="reward_to_go"``) or of
-            the episode's return (``weights="total"``).
+            ``"leave_one_out"``: the mean over the other episodes of the batch
+            (:func:`rl4llm.baselines.leave_one_out_baseline`) of the return from step ``t``
+            (``weights="reward_to_go"``) or of the episode's return (``weights="total"``).
         log_every: print a progress line every this many iterations (``None``: silent).
 
     Returns:
@@ -488,13 +459,16 @@ def reinforce(env_id: str = "CartPole-v1", *, num_envs: int = 32, iterations: in
         raise ValueError(f"weights must be 'reward_to_go' or 'total', got {weights!r}")
     numeric_baseline = (isinstance(baseline, Real) and not isinstance(baseline, bool)
                         and math.isfinite(baseline))
-    if not (baseline is None or baseline == "batch_mean" or numeric_baseline):
-        raise ValueError(f"baseline must be None, 'batch_mean' or a finite number, got {baseline!r}")
+    if not (baseline is None or baseline == "leave_one_out" or numeric_baseline):
+        raise ValueError(f"baseline must be None, 'leave_one_out' or a finite number, got {baseline!r}")
     if log_every is not None:
         _check_positive_int("log_every", log_every)
     device = get_device(None if device is None else str(device))
 
     seed_everything(seed)
+    # Imported here because rl4llm.baselines builds its own training loop from this module's pieces.
+    from rl4llm.baselines import leave_one_out_baseline
+
     env = gym.make_vec(env_id, num_envs=num_envs)     # gymnasium's own vectorised CartPole, else sync
     try:
         policy = PolicyNet(*_env_sizes(env), hidden, dtype=torch.float32).to(device)
@@ -506,12 +480,12 @@ def reinforce(env_id: str = "CartPole-v1", *, num_envs: int = 32, iterations: in
         for it in range(iterations):
             batch = collect_episodes(env, policy, generator=generator, seed=seed if it == 0 else None)
             b = baseline
-            if baseline == "batch_mean":
+            if baseline == "leave_one_out":
                 if weights == "reward_to_go":
                     targets = discounted_returns(batch.rewards, gamma, dones=batch.dones)
                 else:
                     targets = episode_returns(batch.rewards, gamma, dones=batch.dones)
-                b = batch_mean_baseline(targets, batch.mask)
+                b = leave_one_out_baseline(targets, 0, mask=batch.mask)
             psi = pg_weights(batch.rewards, gamma, kind=weights, baseline=b, dones=batch.dones)   # [B, T]
             logp = policy.log_prob(batch.obs, batch.actions)                                    # [B, T]
             loss = -reinforce_surrogate(logp, psi, batch.mask)
