@@ -7,6 +7,10 @@ Each module holds one idea and is meant to be read top to bottom:
 - :mod:`rl4llm.mdp`     -- finite tabular MDPs: exact evaluation, exact objectives, trajectory enumeration.
 - :mod:`rl4llm.returns` -- discounted returns and reward-to-go with episode boundaries.
 - :mod:`rl4llm.pg`      -- REINFORCE gradient estimators, a policy network, a training loop.
+- :mod:`rl4llm.baselines` -- baselines for policy-gradient estimators: batch mean, leave-one-out, optimal, learned.
+- :mod:`rl4llm.kl`      -- the k1, k2, k3 KL estimators, numerically stable, per token with masks.
+- :mod:`rl4llm.lm`      -- a tiny causal transformer policy, sampling, memory-lean token log-probabilities.
+- :mod:`rl4llm.tasks`   -- synthetic verifiable tasks with exact rewards, warm start, preference pairs.
 
 Conventions: tensors are time-last (``[..., T]``), masks are explicit arguments, and public functions
 raise :class:`ValueError` naming the offending argument and the expected shape.
