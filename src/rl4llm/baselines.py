@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from rl4llm.device import get_device, seed_everything
-from rl4llm.pg import PolicyNet, collect_episodes, pg_weights
+from rl4llm.pg import PolicyNet, check_obs, collect_episodes, pg_weights, tanh_mlp
 from rl4llm.returns import check_gamma, discount_powers, discounted_returns
 
 __all__ = [
@@ -369,29 +369,14 @@ class ValueNet(nn.Module):
     def __init__(self, obs_dim: int, hidden: int | tuple[int, ...] | list[int] = 32, *, scale: float = 1.0,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        widths = (hidden,) if isinstance(hidden, int) else tuple(hidden)
-        for name, v in (("obs_dim", obs_dim), *(("hidden", h) for h in widths)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
         if isinstance(scale, bool) or not isinstance(scale, Real) or not (0 < scale < math.inf):
             raise ValueError(f"scale must be a positive finite number, got {scale!r}")
         self.obs_dim, self.scale = obs_dim, float(scale)
-        layers: list[nn.Module] = []
-        sizes = (obs_dim, *widths)
-        for d_in, d_out in zip(sizes[:-1], sizes[1:], strict=True):
-            layers += [nn.Linear(d_in, d_out, dtype=dtype), nn.Tanh()]
-        head = nn.Linear(sizes[-1], 1, dtype=dtype)
-        with torch.no_grad():
-            head.weight.zero_()
-            head.bias.zero_()
-        self.net = nn.Sequential(*layers, head)
+        self.net = tanh_mlp(obs_dim, hidden, 1, head_scale=0.0, dtype=dtype)
 
     def forward(self, obs: Tensor) -> Tensor:
         """Values ``[...]`` for observations ``[..., obs_dim]``."""
-        if not isinstance(obs, Tensor) or obs.dim() < 1 or obs.shape[-1] != self.obs_dim:
-            shape = list(obs.shape) if isinstance(obs, Tensor) else type(obs).__name__
-            raise ValueError(f"obs must be a tensor of shape [..., {self.obs_dim}], got {shape}")
-        return self.scale * self.net(obs.to(self.net[-1].weight.dtype)).squeeze(-1)
+        return self.scale * self.net(check_obs(obs, self.obs_dim).to(self.net[-1].weight.dtype)).squeeze(-1)
 
 
 def fit_value(value: ValueNet, optimizer: torch.optim.Optimizer, obs: Tensor, targets: Tensor,

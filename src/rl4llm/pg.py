@@ -50,6 +50,7 @@ __all__ = [
     "pg_weights",
     "reinforce",
     "reinforce_surrogate",
+    "tanh_mlp",
 ]
 
 
@@ -196,6 +197,43 @@ def reinforce_surrogate(logp: Tensor, weights: Tensor, mask: Tensor | None = Non
 # ----------------------------------------------------------------------------------------------------------
 
 
+def tanh_mlp(obs_dim: int, hidden: int | tuple[int, ...] | list[int], out_dim: int, *, head_scale: float,
+             dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """The MLP behind the book's small policies and value functions: tanh hidden layers, a linear head.
+
+    The head's weights are multiplied by ``head_scale`` at initialisation (0.01: a near-uniform policy; 0: a
+    value function that starts at exactly 0) and its bias is zero.
+
+    Args:
+        obs_dim: input size.
+        hidden: width of the hidden layer, or a sequence of widths (empty: a linear map).
+        out_dim: output size.
+        head_scale: factor applied to the head's initial weights.
+        dtype: parameter dtype.
+    """
+    widths = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+    for name, v in (("obs_dim", obs_dim), ("out_dim", out_dim), *(("hidden", h) for h in widths)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    sizes = (obs_dim, *widths)
+    layers: list[nn.Module] = []
+    for d_in, d_out in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(d_in, d_out, dtype=dtype), nn.Tanh()]
+    head = nn.Linear(sizes[-1], out_dim, dtype=dtype)
+    with torch.no_grad():
+        head.weight.mul_(head_scale)
+        head.bias.zero_()
+    return nn.Sequential(*layers, head)
+
+
+def check_obs(obs, obs_dim: int) -> Tensor:
+    """``obs`` must be a tensor of shape ``[..., obs_dim]``; returns it."""
+    if not isinstance(obs, Tensor) or obs.dim() < 1 or obs.shape[-1] != obs_dim:
+        shape = list(obs.shape) if isinstance(obs, Tensor) else type(obs).__name__
+        raise ValueError(f"obs must be a tensor of shape [..., {obs_dim}], got {shape}")
+    return obs
+
+
 class PolicyNet(nn.Module):
     """An MLP policy over discrete actions: observations ``[..., obs_dim]`` to logits ``[..., n_actions]``.
 
@@ -212,27 +250,14 @@ class PolicyNet(nn.Module):
     def __init__(self, obs_dim: int, n_actions: int, hidden: int | tuple[int, ...] | list[int] = 64, *,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        widths = (hidden,) if isinstance(hidden, int) else tuple(hidden)
-        for name, v in (("obs_dim", obs_dim), ("n_actions", n_actions), *(("hidden", h) for h in widths)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(n_actions, bool) or not isinstance(n_actions, int) or n_actions < 1:
+            raise ValueError(f"n_actions must be a positive int, got {n_actions!r}")
         self.obs_dim, self.n_actions = obs_dim, n_actions
-        sizes = (obs_dim, *widths)
-        layers: list[nn.Module] = []
-        for d_in, d_out in zip(sizes[:-1], sizes[1:], strict=True):
-            layers += [nn.Linear(d_in, d_out, dtype=dtype), nn.Tanh()]
-        head = nn.Linear(sizes[-1], n_actions, dtype=dtype)
-        with torch.no_grad():
-            head.weight.mul_(0.01)
-            head.bias.zero_()
-        self.net = nn.Sequential(*layers, head)
+        self.net = tanh_mlp(obs_dim, hidden, n_actions, head_scale=0.01, dtype=dtype)
 
     def forward(self, obs: Tensor) -> Tensor:
         """Logits ``[..., n_actions]`` for observations ``[..., obs_dim]``."""
-        if not isinstance(obs, Tensor) or obs.dim() < 1 or obs.shape[-1] != self.obs_dim:
-            shape = list(obs.shape) if isinstance(obs, Tensor) else type(obs).__name__
-            raise ValueError(f"obs must be a tensor of shape [..., {self.obs_dim}], got {shape}")
-        return self.net(obs.to(self.net[-1].weight.dtype))
+        return self.net(check_obs(obs, self.obs_dim).to(self.net[-1].weight.dtype))
 
     def dist(self, obs: Tensor) -> Categorical:
         r"""The action distribution :math:`\pi_\theta(\cdot \mid s)` for observations ``[..., obs_dim]``."""
