@@ -26,13 +26,7 @@ TOK = CharTokenizer()
 PAD, BOS, EOS = TOK.pad_id, TOK.bos_id, TOK.eos_id
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead (and thrash on a busy 2-core runner).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def completion(texts: list[str | list[int]], L: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
