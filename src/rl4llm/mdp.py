@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rl4llm.returns import check_gamma
+
 __all__ = [
     "TabularMDP",
     "Trajectories",
@@ -69,26 +71,13 @@ def _sum_tol(dtype: torch.dtype) -> float:
     return max(1e-9, 1e3 * torch.finfo(dtype).eps)
 
 
-def _check_gamma(gamma) -> float:
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
-        raise ValueError(f"gamma must be a real number in (0, 1], got {gamma!r}")
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
-    return float(gamma)
-
-
 def _check_horizon(horizon, name: str = "horizon") -> int | None:
     if horizon is None:
         return None
-    if isinstance(horizon, bool):
-        raise ValueError(f"{name} must be None or an int >= 1, got {horizon!r}")
     try:
-        value = operator.index(horizon)
-    except TypeError:
+        return _check_positive_int(horizon, name)
+    except ValueError:
         raise ValueError(f"{name} must be None or an int >= 1, got {horizon!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be None or an int >= 1, got {horizon!r}")
-    return value
 
 
 def _check_positive_int(value, name: str) -> int:
@@ -226,7 +215,7 @@ class TabularMDP:
         _check_distribution_rows(p0, "p0", "p0")
         if not bool(torch.isfinite(R.detach()).all()):
             raise ValueError("R must be finite, found NaN or inf")
-        gamma = _check_gamma(self.gamma)
+        gamma = check_gamma(self.gamma)
         horizon = _check_horizon(self.horizon)
         if horizon is None and gamma >= 1.0:
             raise ValueError("gamma must be < 1 when horizon is None "
@@ -539,7 +528,7 @@ class Trajectories:
 
     def discounted_return(self, gamma: float) -> torch.Tensor:
         """``G[n] = sum_t gamma**t rewards[n, t]``, shape ``[N]``."""
-        gamma = _check_gamma(gamma)
+        gamma = check_gamma(gamma)
         disc = gamma ** torch.arange(self.horizon, dtype=self.rewards.dtype, device=self.rewards.device)
         return self.rewards @ disc
 
