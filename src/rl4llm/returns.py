@@ -38,6 +38,7 @@ __all__ = [
     "discounted_returns",
     "episode_returns",
     "episode_steps",
+    "gae",
     "reward_to_go",
 ]
 
@@ -287,3 +288,181 @@ def episode_returns(rewards: Tensor, gamma, *, dones: Tensor | None = None) -> T
     steps = episode_steps(dones)
     first = torch.arange(rtg.shape[-1], device=rtg.device) - steps  # index of the episode's first step
     return rtg.gather(-1, first)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generalised advantage estimation
+# ----------------------------------------------------------------------------------------------------------
+
+GAE_METHODS = ("auto", "loop")
+"""The values :func:`gae` accepts for ``method``."""
+
+
+def check_lam(lam) -> float:
+    """Return ``lam`` as a Python float, or raise ``ValueError`` unless it is a real number in [0, 1]."""
+    if isinstance(lam, Tensor):
+        if lam.numel() != 1:
+            raise ValueError(f"lam must be a scalar, got a tensor of shape {list(lam.shape)}")
+        lam = lam.item()
+    if isinstance(lam, bool) or not isinstance(lam, Real):
+        raise ValueError(f"lam must be a real number in [0, 1], got {lam!r}")
+    lam = float(lam)
+    if not (0.0 <= lam <= 1.0):  # also rejects NaN
+        raise ValueError(f"lam (the GAE lambda) must be in [0, 1], got {lam}")
+    return lam
+
+
+def _check_like(x, like: Tensor, name: str) -> Tensor:
+    """A finite floating-point tensor of ``like``'s shape and device, or ``ValueError``."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {list(like.shape)}, got {type(x).__name__}")
+    if x.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of rewards {list(like.shape)}, got {list(x.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but rewards are on {like.device}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contain NaN or infinite values")
+    return x
+
+
+def _check_bootstrap(bootstrap, batch: torch.Size, like: Tensor, acc: torch.dtype) -> Tensor:
+    if bootstrap is None:
+        return torch.zeros(batch, dtype=acc, device=like.device)
+    if isinstance(bootstrap, Tensor):
+        if bootstrap.shape != batch:
+            raise ValueError(
+                f"bootstrap must have shape {list(batch)} (rewards' shape without the time dim), "
+                f"got {list(bootstrap.shape)}"
+            )
+        if bootstrap.device != like.device:
+            raise ValueError(f"bootstrap is on {bootstrap.device} but rewards are on {like.device}")
+        if not bootstrap.is_floating_point() or not torch.isfinite(bootstrap).all():
+            raise ValueError("bootstrap must be a finite floating-point tensor")
+        return bootstrap.to(acc)
+    if isinstance(bootstrap, Real) and not isinstance(bootstrap, bool) and math.isfinite(bootstrap):
+        return torch.full(batch, float(bootstrap), dtype=acc, device=like.device)
+    raise ValueError(f"bootstrap must be None, a finite real number or a tensor of shape {list(batch)}")
+
+
+def gae_inputs(rewards: Tensor, values: Tensor, next_values: Tensor | None = None, *, gamma, lam,
+               terminated: Tensor | None = None, truncated: Tensor | None = None, mask: Tensor | None = None,
+               bootstrap=None) -> tuple[Tensor, Tensor, float]:
+    r"""Validate the inputs of :func:`gae` and reduce them to the linear recursion it solves.
+
+    Returns ``(deltas, decay, gamma * lam)`` in the accumulation dtype, each ``[..., T]``, such that the
+    advantages are the solution of :math:`A_t = \delta_t + c_t A_{t+1}` with :math:`A_T = 0` and
+    :math:`c_t` = ``decay[..., t]`` (:math:`\gamma\lambda` where the episode goes on after step ``t``, else 0);
+    ``deltas`` and ``decay`` are 0 at masked steps. Every implementation of the recursion (the time loop, the
+    parallel scan) starts from here, so they agree on the conventions by construction.
+    """
+    rewards = check_rewards(rewards)
+    gamma = check_gamma(gamma)
+    lam = check_lam(lam)
+    values = _check_like(values, rewards, "values")
+    if next_values is not None:
+        next_values = _check_like(next_values, rewards, "next_values")
+    terminated = check_dones(terminated, rewards, "terminated")
+    truncated = check_dones(truncated, rewards, "truncated")
+    mask = check_dones(mask, rewards, "mask")
+    acc = torch.promote_types(accumulation_dtype(rewards.dtype), accumulation_dtype(values.dtype))
+    if next_values is not None:
+        acc = torch.promote_types(acc, accumulation_dtype(next_values.dtype))
+    batch, T = rewards.shape[:-1], rewards.shape[-1]
+    last = _check_bootstrap(bootstrap, batch, rewards, acc)
+    if terminated is not None and truncated is not None and (terminated & truncated).any():
+        raise ValueError("a step cannot be both terminated and truncated (terminated wins in Gymnasium: "
+                         "pass truncated & ~terminated)")
+    if next_values is None and truncated is not None and T > 1 and truncated[..., :-1].any():
+        raise ValueError(
+            "truncated steps inside a row need next_values: the value of the observation the time limit cut "
+            "the episode at, which is not values[..., t + 1] (that is the first state of the next episode)"
+        )
+    v = values.to(acc)
+    if next_values is None:
+        nv = torch.empty_like(v)
+        nv[..., :-1] = v[..., 1:]
+        if T > 0:
+            nv[..., -1] = last
+        if mask is not None and T > 1:
+            # A valid step followed by padding is the end of its sequence: nothing to bootstrap from.
+            nv[..., :-1] = torch.where(mask[..., 1:], nv[..., :-1], torch.zeros((), dtype=acc, device=v.device))
+    else:
+        nv = next_values.to(acc)
+    zero = torch.zeros((), dtype=acc, device=v.device)
+    if terminated is not None:
+        nv = torch.where(terminated, zero, nv)
+    deltas = rewards.to(acc) + gamma * nv - v
+    ends = torch.zeros(rewards.shape, dtype=torch.bool, device=rewards.device)
+    if terminated is not None:
+        ends |= terminated
+    if truncated is not None:
+        ends |= truncated
+    if mask is not None:
+        deltas = torch.where(mask, deltas, zero)
+        ends |= ~mask
+        if T > 1:
+            ends[..., :-1] |= ~mask[..., 1:]
+    decay = torch.where(ends, zero, torch.full((), gamma * lam, dtype=acc, device=v.device))
+    return deltas, decay, gamma * lam
+
+
+def _gae_loop(deltas: Tensor, decay: Tensor) -> Tensor:
+    """The reference backward recursion ``A_t = delta_t + decay_t * A_{t+1}``, one time step at a time."""
+    out = torch.empty_like(deltas)
+    a = torch.zeros(deltas.shape[:-1], dtype=deltas.dtype, device=deltas.device)
+    for t in range(deltas.shape[-1] - 1, -1, -1):
+        a = deltas[..., t] + decay[..., t] * a
+        out[..., t] = a
+    return out
+
+
+def gae(rewards: Tensor, values: Tensor, next_values: Tensor | None = None, *, gamma, lam,
+        terminated: Tensor | None = None, truncated: Tensor | None = None, mask: Tensor | None = None,
+        bootstrap=None, method: str = "auto") -> Tensor:
+    r"""Generalised advantage estimates :math:`\hat A_t = \sum_{l \ge 0} (\gamma\lambda)^l \delta_{t+l}`.
+
+    With the TD residual :math:`\delta_t = r_t + \gamma (1 - \mathrm{term}_t) V'_t - V(s_t)`, where
+    :math:`V'_t` is the value of the observation that followed step ``t``, the advantages solve the backward
+    recursion :math:`\hat A_t = \delta_t + \gamma\lambda (1 - \mathrm{end}_t) \hat A_{t+1}`. The value
+    targets of the critic are the :math:`\lambda`-returns ``gae(...) + values``.
+
+    Episode boundaries (each row may hold several episodes, as a vectorised environment produces them):
+
+    - ``terminated[..., t]``: the episode reached a terminal state at step ``t``. No bootstrap (the value of a
+      terminal state is 0) and the sum stops.
+    - ``truncated[..., t]``: a time limit cut the episode at step ``t``. The sum stops, but :math:`\delta_t`
+      bootstraps from :math:`V'_t`, the value of the observation the episode was cut at. Treating truncation
+      as termination biases every advantage near the cut downwards (chapter 7 measures by how much).
+    - ``mask[..., t]`` (language-model style, padded sequences): False marks padding. Padded steps get
+      :math:`\hat A_t = 0` and take no part in any sum; a valid step followed by padding ends its sequence.
+
+    Args:
+        rewards: ``[..., T]`` floating-point rewards, finite.
+        values: ``[..., T]`` :math:`V(s_t)`, the critic's value of the observation step ``t`` acted on.
+        next_values: optional ``[..., T]`` :math:`V'_t`, the value of the observation after step ``t`` (for a
+            truncated step: of the final observation, before any automatic reset). ``None``: ``values`` shifted
+            left by one step, with ``bootstrap`` after the row's last step (and 0 before padding); this is
+            only correct if no step inside a row is truncated, which is checked.
+        gamma: discount factor in (0, 1].
+        lam: the GAE :math:`\lambda` in [0, 1]; 0 gives :math:`\delta_t`, 1 gives the discounted return to
+            the end of the episode (plus the bootstrap) minus :math:`V(s_t)`.
+        terminated: optional ``[..., T]`` bool (or 0/1), see above.
+        truncated: optional ``[..., T]`` bool (or 0/1), see above. A step may not be both.
+        mask: optional ``[..., T]`` bool (or 0/1), True on real steps.
+        bootstrap: used only when ``next_values`` is ``None``: the value of the state after each row's last
+            step (``None`` for 0, a number, or a ``[...]`` tensor). Pass it for rows cut by the end of the
+            rollout rather than by a terminal state.
+        method: ``"loop"`` (the reference backward loop over ``T``) or ``"auto"`` (the fastest method for
+            the shape; all methods agree to floating-point rounding).
+
+    Returns:
+        ``[..., T]`` advantages in the inputs' dtype; accumulated in float32 for bfloat16/float16 inputs.
+    """
+    if method not in GAE_METHODS:
+        raise ValueError(f"method must be one of {GAE_METHODS}, got {method!r}")
+    deltas, decay, _ = gae_inputs(rewards, values, next_values, gamma=gamma, lam=lam, terminated=terminated,
+                                  truncated=truncated, mask=mask, bootstrap=bootstrap)
+    out = _gae_loop(deltas, decay)
+    return out.to(torch.promote_types(rewards.dtype, values.dtype))
