@@ -11,6 +11,8 @@ PYTHON ?= python3
 # The torch requirement installed before everything else. The default is the CPU wheel; for CUDA use e.g.
 #   make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH ?= torch==2.13.0
+# Notebooks run in parallel, one file per worker (pytest-xdist --dist loadfile); 2 matches the CI machine.
+NBVAL_WORKERS ?= 2
 VENV  ?= .venv
 BIN   := $(VENV)/bin
 PY    := $(BIN)/python
@@ -64,7 +66,7 @@ pairs: setup
 nbval: setup
 	RL4LLM_DEVICE=cpu PYTHONHASHSEED=0 \
 	  $(PY) -m pytest -p tools.nbtimes --nbval --nbval-sanitize-with tools/nbval_sanitize.cfg \
-	  --nbval-cell-timeout=600 notebooks -q
+	  --nbval-cell-timeout=600 -n $(NBVAL_WORKERS) --dist loadfile notebooks -q
 
 browser-deps:
 	@if ! command -v chromium >/dev/null 2>&1 && [ "$${CI:-}" = "true" ]; then \

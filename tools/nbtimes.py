@@ -1,6 +1,8 @@
 """pytest plugin: print how long each notebook took under nbval (the budget is 120 s per notebook).
 
-Loaded with ``-p tools.nbtimes``. Timing is reported, never asserted: machines are noisy.
+Loaded with ``-p tools.nbtimes``. Timing is reported, never asserted: machines are noisy. With pytest-xdist
+(``make nbval`` runs two notebooks at a time) the per-notebook times are measured while another notebook shares the
+machine, so they are longer than a notebook run alone; the last line is the sum, not the wall time.
 """
 
 from __future__ import annotations
