@@ -249,7 +249,7 @@ def kl_shaped_rewards(scores: Tensor, logp: Tensor, logp_ref: Tensor, mask: Tens
         raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {estimator!r}")
     acc = _acc_dtype(scores, logp, logp_ref)
     kl_t = per_token_kl(logp.to(acc), logp_ref.to(acc), keep, estimator=estimator)  # [B, T], 0 on padding
-    rewards = -beta * kl_t
+    rewards = torch.where(keep, -beta * kl_t, torch.zeros((), dtype=kl_t.dtype, device=kl_t.device))
     last = _last_index(keep)
     return rewards.scatter_add(1, last[:, None], scores.to(device=rewards.device, dtype=acc)[:, None])
 
