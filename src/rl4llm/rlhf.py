@@ -136,7 +136,7 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, *, redu
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     acc = _acc_dtype(chosen_rewards, rejected_rewards)
-    losses = -F.logsigmoid(chosen_rewards.to(acc) - rejected_rewards.to(acc))
+    losses = 0.0 - F.logsigmoid(chosen_rewards.to(acc) - rejected_rewards.to(acc))  # 0.0 - x: +0, never -0
     if reduction == "none":
         return losses
     return losses.mean() if reduction == "mean" else losses.sum()
@@ -186,7 +186,7 @@ def kwise_ranking_loss(rewards_ranked: Tensor, mask: Tensor | None = None) -> Te
     d = r[:, :, None] - r[:, None, :]  # [B, K, K]: d[b, i, j] = r_i - r_j
     upper = torch.ones(K, K, dtype=torch.bool, device=r.device).triu(diagonal=1)  # i < j
     pairs = upper & keep[:, :, None] & keep[:, None, :]
-    nll = torch.where(pairs, -F.logsigmoid(d), torch.zeros((), dtype=acc, device=r.device))
+    nll = torch.where(pairs, 0.0 - F.logsigmoid(d), torch.zeros((), dtype=acc, device=r.device))
     n_pairs = (counts * (counts - 1) // 2).to(acc)
     return (nll.sum(dim=(1, 2)) / n_pairs).mean()
 
@@ -452,7 +452,7 @@ def train_reward_model(rm: ScalarModel, pairs: PreferencePairs, *, epochs: int =
     if not isinstance(pairs, PreferencePairs):
         raise ValueError(f"pairs must be PreferencePairs, got {type(pairs).__name__}")
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
     history = RewardModelHistory()
     start = time.perf_counter()
     n = pairs.prompts.shape[0]
@@ -796,8 +796,8 @@ def ppo_lm(policy: TinyLM, reference: nn.Module, reward_fn: RewardFn, task: Task
         value_model = ScalarModel.from_lm(policy)
     value_model.to(device).train()
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(policy.parameters(), lr=lr)
-    vopt = torch.optim.Adam(value_model.parameters(), lr=value_lr)
+    opt = torch.optim.Adam(policy.parameters(), lr=lr, foreach=True)
+    vopt = torch.optim.Adam(value_model.parameters(), lr=value_lr, foreach=True)
     tok = task.tokenizer
     mb_size = batch_size // minibatches
     history = PPOHistory()
