@@ -61,6 +61,7 @@ __all__ = [
     "preference_accuracy",
     "DigitGain",
     "RLHFSetting",
+    "REFERENCE_CONFIG",
     "make_setting",
     "preference_data",
     "PolicyEval",
