@@ -67,7 +67,7 @@ def test_extreme_margins_are_finite_and_exact(beta, sign):
     assert torch.allclose(stats.margins, torch.full((2,), sign * 1e4), rtol=1e-6)
     if sign > 0:
         # -log sigmoid(1e4) = log(1 + e^-1e4) = e^-1e4 (to within e^-2e4): 0 in float32, and so is the gradient.
-        assert loss.item() == 0.0
+        assert loss.item() == 0.0 and math.copysign(1.0, loss.item()) == 1.0  # +0, not -0
         assert (pc.grad == 0).all() and (pr.grad == 0).all()
         assert stats.accuracy.item() == 1.0
     else:

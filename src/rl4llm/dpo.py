@@ -219,7 +219,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     chosen = b * (policy_chosen_logps.to(acc) - ref_chosen_logps.detach().to(acc))
     rejected = b * (policy_rejected_logps.to(acc) - ref_rejected_logps.detach().to(acc))
     margins = chosen - rejected
-    losses = -F.logsigmoid(margins)
+    losses = 0.0 - F.logsigmoid(margins)  # 0.0 - x, not -x: a loss of exactly +0, never -0
     zero = torch.zeros((), dtype=acc, device=losses.device)
     if mask is not None:
         losses = torch.where(mask, losses, zero)
