@@ -1,6 +1,6 @@
 """Time ``rl4llm.returns.gae``: the parallel scan against the reference loop over time, and against the floor.
 
-    python benchmarks/bench_gae.py [--device cpu|cuda] [--quick] [--out FILE.json] [--threads N]
+    python benchmarks/bench_gae.py [--device cpu|cuda] [--quick] [--out FILE.json] [--threads N] [--repeats N]
 
 Most code computes generalised advantage estimates with a Python loop over the ``T`` time steps, vectorised over
 the batch: fine for a short rollout, slow for a language-model-length sequence. ``gae(..., method="scan")`` solves
@@ -13,6 +13,8 @@ row: each step is terminated with probability 1/256 and otherwise truncated with
 end, input validation included, exactly as a user calls it.
 
 - Time: the median of ``--repeats`` calls after a warm-up; methods interleaved, so background load hits all alike.
+  On the CPU one intra-op thread by default (``--threads 0``: torch's default): the kernels are elementwise passes
+  over a few MiB, and on a shared machine a second thread mostly adds noise.
 - Floor: the bytes an ideal kernel must move (reading rewards, values and next_values in float32 and the two flags
   as bytes, writing the float32 advantages: 18 bytes per step) divided by the copy bandwidth of the same device,
   measured here as (read + written bytes) / time of ``dst.copy_(src)`` on a 128 MiB float32 tensor (median of
@@ -124,14 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: rl4llm.device.get_device())")
     ap.add_argument("--quick", action="store_true", help="two shapes, fewer repeats")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on the CPU (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per method and shape")
     args = ap.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
     device = get_device(args.device)
+    if args.threads < 0:
+        raise SystemExit("--threads must be >= 0")
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = args.repeats or (3 if args.quick else 9)
     if repeats < 1:

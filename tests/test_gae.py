@@ -219,6 +219,16 @@ def test_finite_horizon_lambda_return_with_tail_weight():
             assert not math.isclose(got[t].item(), without_tail.item(), rel_tol=1e-6, abs_tol=1e-6)
 
 
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(5)
+    r, v = torch.randn(40, 6, generator=g).T, torch.randn(40, 6, generator=g).T       # [6, 40], column-major
+    term = (torch.rand(40, 6, generator=g) < 0.2).T
+    assert not r.is_contiguous()
+    want = gae(r.contiguous(), v.contiguous(), gamma=0.9, lam=0.9, terminated=term.contiguous(), method="loop")
+    for method in METHODS:
+        torch.testing.assert_close(gae(r, v, gamma=0.9, lam=0.9, terminated=term, method=method), want)
+
+
 def test_leading_dims_and_one_dim_input():
     g = torch.Generator().manual_seed(2)
     r, v = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)

@@ -428,9 +428,11 @@ def gae_inputs(rewards: Tensor, values: Tensor, next_values: Tensor | None = Non
         if T > 1:
             padding_or_before[..., :-1] |= ~mask[..., 1:]
         ends = padding_or_before if ends is None else ends | padding_or_before
-    decay = torch.full_like(deltas, gamma * lam)
-    if ends is not None:
-        decay.masked_fill_(ends, 0.0)
+    glam = torch.tensor(gamma * lam, dtype=acc, device=rewards.device)
+    if ends is None:
+        decay = glam.expand(rewards.shape).clone()
+    else:
+        decay = torch.where(ends, torch.zeros((), dtype=acc, device=rewards.device), glam)
     return deltas, decay, gamma * lam
 
 
@@ -447,7 +449,7 @@ def _gae_loop(deltas: Tensor, decay: Tensor) -> Tensor:
     return out
 
 
-def _gae_scan(deltas: Tensor, decay: Tensor) -> Tensor:
+def _gae_scan(deltas: Tensor, decay: Tensor, *, overwrite: bool = False) -> Tensor:
     r"""The same recursion by a parallel (Hillis--Steele) scan in :math:`\lceil \log_2 T \rceil` steps.
 
     Step ``t`` of the recursion is the affine map :math:`x \mapsto \delta_t + c_t x` from :math:`A_{t+1}` to
@@ -466,16 +468,18 @@ def _gae_scan(deltas: Tensor, decay: Tensor) -> Tensor:
     Args:
         deltas: ``[..., T]`` TD residuals.
         decay: ``[..., T]`` factors :math:`c_t`, same dtype and device.
+        overwrite: allow the scan to use ``deltas`` and ``decay`` as work space (their contents are then
+            undefined). Saves two allocations; :func:`gae` passes its own temporaries this way.
 
     Returns:
-        ``[..., T]`` solution :math:`A`, a new tensor (the inputs are not modified).
+        ``[..., T]`` solution :math:`A`, a new tensor unless ``overwrite`` (then possibly ``deltas`` itself).
     """
     T = deltas.shape[-1]
     if T <= 1:
-        return deltas.clone()
+        return deltas if overwrite else deltas.clone()
     d_src, c_src = deltas, decay
     d_dst, c_dst = torch.empty_like(deltas), torch.empty_like(decay)
-    spare: tuple[Tensor, Tensor] | None = None
+    first = True
     k = 1
     while k < T:
         n = T - k
@@ -484,9 +488,9 @@ def _gae_scan(deltas: Tensor, decay: Tensor) -> Tensor:
         if 2 * k < T:  # the products are needed by a later step
             torch.mul(c_src[..., :n], c_src[..., k:], out=c_dst[..., :n])
             c_dst[..., n:] = c_src[..., n:]
-        if spare is None:  # after the first step the inputs are no longer read: use fresh buffers instead
-            spare = (torch.empty_like(deltas), torch.empty_like(decay))
-            d_src, c_src = spare
+        if first and not overwrite:  # the inputs must stay intact: ping-pong between fresh buffers instead
+            d_src, c_src = torch.empty_like(deltas), torch.empty_like(decay)
+        first = False
         d_src, d_dst = d_dst, d_src
         c_src, c_dst = c_dst, c_src
         k *= 2
@@ -567,7 +571,7 @@ def gae(rewards: Tensor, values: Tensor, next_values: Tensor | None = None, *, g
     if method == "delta":
         out = deltas
     elif method == "scan":
-        out = _gae_scan(deltas, decay)
+        out = _gae_scan(deltas, decay, overwrite=True)  # both are temporaries of this call
     else:
         out = _gae_loop(deltas, decay)
     return out.to(torch.promote_types(rewards.dtype, values.dtype))
