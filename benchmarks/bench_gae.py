@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
 import re
 import statistics
@@ -169,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
 
     fast_long = all(r["loop_ms"] / r["auto_ms"] >= 5 for r in rows if r["T"] >= 4096)
     never_slower = all(r["auto_ms"] <= r["loop_ms"] for r in rows)
-    # float32 rounding: both errors are a few units of eps * |A| (the scan sums the same terms in another order)
+    # float32 rounding: the loop's own error is a few eps * max|A|; the scan sums the same terms in another order and
+    # must be no worse than twice that (plus 4 eps * max|A| of slack for rows where the loop happens to be lucky)
     eps = torch.finfo(torch.float32).eps
-    rounding = all(r[f"{m}_max_abs_err_vs_float64"] <= 64 * math.ceil(math.log2(r["T"]) + 1) * eps
-                   * max(1.0, r["max_abs_reference"]) for r in rows for m in METHODS)
+    rounding = all(r[f"{m}_max_abs_err_vs_float64"] <= 2 * r["loop_max_abs_err_vs_float64"]
+                   + 4 * eps * r["max_abs_reference"] for r in rows for m in METHODS)
     print(f"\ntargets: auto >= 5x loop at T >= 4096: {'met' if fast_long else 'NOT met'}; "
           f"auto never slower than loop: {'met' if never_slower else 'NOT met'}; "
           f"errors at float32 rounding: {'met' if rounding else 'NOT met'}")
