@@ -6,7 +6,7 @@ The KL-regularised objective of RLHF, for one prompt :math:`x`,
 
 is maximised by :math:`\pi^*(y \mid x) = \pi_\mathrm{ref}(y \mid x)\, e^{r(x, y)/\beta} / Z(x)`. Solved for the
 reward, :math:`r = \beta \log(\pi^*/\pi_\mathrm{ref}) + \beta \log Z(x)`, and in a Bradley-Terry likelihood the
-:math:`Z(x)` cancels, which leaves a loss on the policy alone {cite}`rafailov2023direct`:
+:math:`Z(x)` cancels, which leaves a loss on the policy alone (Rafailov et al., 2023):
 
 .. math:: \mathcal L_\mathrm{DPO} = -\mathbb E\Big[\log \sigma\Big(\beta \log
    \frac{\pi_\theta(y_w \mid x)}{\pi_\mathrm{ref}(y_w \mid x)} - \beta \log
