@@ -121,3 +121,35 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^make test$", ci, re.M)
     assert "make test" in (ROOT / "README.md").read_text()
+
+
+# Calls that draw from torch's global random generator when no ``generator=`` is passed. Since torch 2.x seeds
+# that generator differently in every process, a notebook that uses one of these before ``torch.manual_seed``
+# produces different outputs on every run, and nbval then fails at random.
+GLOBAL_RNG_CALL = re.compile(
+    r"\b(?:PolicyNet|ValueNet|TinyLM|RewardModel|nn\.Linear|nn\.Embedding)\(|"
+    r"\btorch\.(?:randn|rand|randint|randperm|normal|multinomial|bernoulli)\(|\.(?:normal_|uniform_|random_)\(")
+
+
+def first_unseeded_global_draw(code: str) -> str | None:
+    """The first line of ``code`` that draws from the global generator before any ``torch.manual_seed``."""
+    for line in code.splitlines():
+        stripped = line.split("#")[0]
+        if "torch.manual_seed(" in stripped:
+            return None
+        if GLOBAL_RNG_CALL.search(stripped) and "generator=" not in stripped:
+            return line.strip()
+    return None
+
+
+def test_seed_check_catches_unseeded_draws():
+    assert first_unseeded_global_draw("import torch\npolicy = PolicyNet(4, 2, 16)\n") == "policy = PolicyNet(4, 2, 16)"
+    assert first_unseeded_global_draw("x = torch.randn(3, 4)") == "x = torch.randn(3, 4)"
+    assert first_unseeded_global_draw("torch.manual_seed(0)\nnet = TinyLM(cfg)\nx = torch.rand(2)") is None
+    assert first_unseeded_global_draw("x = torch.randn(3, generator=g)\n# PolicyNet(4, 2)\n") is None
+
+
+@pytest.mark.parametrize("md", sorted((ROOT / "notebooks").glob("*.md")), ids=lambda p: p.name)
+def test_notebooks_seed_the_global_generator_before_drawing_from_it(md):
+    line = first_unseeded_global_draw("\n".join(extract_cells(md.read_text())))
+    assert line is None, f"{md.name} draws from torch's global generator before torch.manual_seed: {line!r}"
