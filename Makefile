@@ -1,6 +1,6 @@
 # Reinforcement learning for LLMs, derived and run.
 #   make book   -> set up .venv + MathJax, build the HTML book, print where to open it
-#   make test   -> set up, then run every check (unit tests, notebook pairs, nbval, book build, browser check)
+#   make test   -> set up, then run every check (unit tests, notebook pairs, nbval twice, book build, browser check)
 # Other targets: setup, execute [NB=notebooks/05_policy_gradient.md], sync, bench, gpu-check, lint, clean.
 
 SHELL := /bin/bash
@@ -21,7 +21,7 @@ BUILD := _build
 MATHJAX_SRC := node_modules/mathjax/es5
 MATHJAX_DST := book/_static/mathjax
 
-.PHONY: help setup book test unit pairs nbval build-book check-book browser-deps execute sync bench gpu-check lint clean
+.PHONY: help setup book test unit pairs nbval nbval-avx2 build-book check-book browser-deps execute sync bench gpu-check lint clean
 
 help:
 	@sed -n '2,4p' Makefile
@@ -68,6 +68,12 @@ nbval: setup
 	  $(PY) -m pytest -p tools.nbtimes --nbval --nbval-sanitize-with tools/nbval_sanitize.cfg \
 	  --nbval-cell-timeout=600 -n $(NBVAL_WORKERS) --dist loadfile notebooks -q
 
+# The same run with PyTorch, MKL and oneDNN held to their AVX2 kernels: on an AVX-512 machine this rounds like an
+# AVX2-only one, so a cell whose compared output depends on the processor fails here instead of on someone else's.
+nbval-avx2:
+	@if [ "$$(uname -m)" != x86_64 ]; then echo "nbval-avx2: skipped (the AVX2 kernels exist on x86-64 only)"; \
+	else ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 $(MAKE) --no-print-directory nbval; fi
+
 browser-deps:
 	@if ! command -v chromium >/dev/null 2>&1 && [ "$${CI:-}" = "true" ]; then \
 	  echo "CI: installing Debian's chromium for the browser check"; \
@@ -81,6 +87,7 @@ test: setup
 	@$(PY) tools/stage.py "unit tests"      -- $(MAKE) --no-print-directory unit
 	@$(PY) tools/stage.py "notebook pairs"  -- $(MAKE) --no-print-directory pairs
 	@$(PY) tools/stage.py "nbval"           -- $(MAKE) --no-print-directory nbval
+	@$(PY) tools/stage.py "nbval, AVX2"     -- $(MAKE) --no-print-directory nbval-avx2
 	@$(PY) tools/stage.py "book build"      -- $(MAKE) --no-print-directory build-book
 	@$(PY) tools/stage.py "browser check"   -- $(MAKE) --no-print-directory check-book
 	@$(PY) tools/stage.py --summary
