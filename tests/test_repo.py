@@ -127,7 +127,7 @@ def test_ci_runs_exactly_the_readme_test_command():
 # that generator differently in every process, a notebook that uses one of these before ``torch.manual_seed``
 # produces different outputs on every run, and nbval then fails at random.
 GLOBAL_RNG_CALL = re.compile(
-    r"\b(?:PolicyNet|ValueNet|TinyLM|RewardModel|nn\.Linear|nn\.Embedding)\(|"
+    r"\b(?:PolicyNet|ValueNet|TinyLM|ScalarModel|nn\.Linear|nn\.Embedding)\(|"
     r"\btorch\.(?:randn|rand|randint|randperm|normal|multinomial|bernoulli)\(|\.(?:normal_|uniform_|random_)\(")
 
 

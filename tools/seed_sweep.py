@@ -36,10 +36,10 @@ def sweep_ppo(seeds: list[int]) -> None:
     rows = []
     for seed in seeds:
         t0 = time.process_time()
+        # the call of chapter 8, section 8.4, with the seed varied
         hist = P.ppo("CartPole-v1", num_envs=16, num_steps=64, total_steps=100_000, lr=2.5e-3, epochs=4,
                      minibatches=4, gamma=0.99, lam=0.95, clip_eps=0.2, value_coef=0.5, entropy_coef=0.01,
-                     max_grad_norm=0.5, hidden=64, seed=seed, device="cpu", target_return=475, eval_greedy=True,
-                     eval_seed=10_000)
+                     max_grad_norm=0.5, hidden=64, seed=seed, target_return=475, eval_greedy=True, eval_seed=10_000)
         greedy = evaluate(hist["policy"], "CartPole-v1", episodes=20, seed=20_000, greedy=True)
         sampled = evaluate(hist["policy"], "CartPole-v1", episodes=20, seed=20_000)
         rows.append((seed, hist["solved_at"], greedy, sampled))
@@ -54,9 +54,6 @@ def sweep_ppo(seeds: list[int]) -> None:
           f"{sum(r[3] >= 475 for r in rows)} of {len(rows)}")
 
 
-GRPO_STEPS = 240  # as in chapter 13
-
-
 def sweep_grpo(seeds: list[int]) -> None:
     from rl4llm import grpo as GR
     from rl4llm.lm import TinyLM, TinyLMConfig
@@ -66,12 +63,11 @@ def sweep_grpo(seeds: list[int]) -> None:
     rows = []
     for seed in seeds:
         t0 = time.process_time()
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)                     # chapter 13, section 13.7, with the seed varied
         base = TinyLM(TinyLMConfig(vocab_size=task.tokenizer.vocab_size, max_len=16))
         warm = supervised_warmstart(base, task, steps=400, batch_size=64, seed=seed, stop_at_accuracy=0.7,
                                     eval_every=5)
-        config = GR.GRPOConfig(aggregation="grpo", scale="group", steps=GRPO_STEPS, seed=seed)
-        hist = GR.train_grpo(copy.deepcopy(base), task, config)
+        hist = GR.train_grpo(copy.deepcopy(base), task, GR.GRPOConfig(seed=seed))  # defaults: chapter 13's GRPO arm
         rows.append((seed, hist.sampled_accuracy[0], hist.sampled_accuracy[-1], hist.accuracy[0], hist.accuracy[-1]))
         print(f"seed {seed}: warm start {warm.steps} steps; sampled accuracy {rows[-1][1]:.2f} -> {rows[-1][2]:.2f}, "
               f"greedy {rows[-1][3]:.2f} -> {rows[-1][4]:.2f} ({time.process_time() - t0:.0f} s CPU)", flush=True)
