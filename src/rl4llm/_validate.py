@@ -17,7 +17,10 @@ __all__ = [
     "batch_dim",
     "dim_index",
     "finite_float",
+    "finite_parameters",
+    "finite_update",
     "float_nonempty",
+    "flag",
     "float_tensor",
     "floating",
     "ids",
@@ -26,11 +29,19 @@ __all__ = [
     "mask_or_none",
     "nonneg_real",
     "obs",
+    "others_sum",
     "positive_int",
+    "positive_real",
     "safe_ratio",
     "same",
     "token_mask",
 ]
+
+
+def _data(x: Tensor, name: str) -> None:
+    """A meta tensor has a shape but no values: refuse it by name rather than fail deep inside torch."""
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (shape {list(x.shape)}, no data); pass a tensor with values")
 
 
 def positive_int(name: str, value) -> int:
@@ -44,6 +55,7 @@ def float_tensor(x, name: str, *, min_dim: int = 1) -> Tensor:
     """A finite floating-point tensor with at least ``min_dim`` dims."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    _data(x, name)
     if x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dim(s), got shape {list(x.shape)}")
     if not x.is_floating_point():
@@ -95,6 +107,7 @@ def finite_float(x, name: str, *, allow_neg_inf: bool = False) -> Tensor:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         got = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a floating-point tensor, got {got}")
+    _data(x, name)
     if x.numel() == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
     if bool(torch.isnan(x).any()):
@@ -133,6 +146,7 @@ def floating(x, name: str) -> Tensor:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         got = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a floating-point tensor, got {got}")
+    _data(x, name)
     return x
 
 
@@ -170,6 +184,7 @@ def float_nonempty(x, name: str, shape: str, dim: int | None = None) -> Tensor:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         got = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a floating-point {shape} tensor, got {got}")
+    _data(x, name)
     if dim is not None and x.dim() != dim:
         raise ValueError(f"{name} must be a {shape} tensor, got shape {tuple(x.shape)}")
     if x.numel() == 0:
@@ -183,6 +198,7 @@ def ids(name: str, x, *, vocab_size: int | None = None, shape: str = "[B, T]") -
     """``x`` must be a non-empty 2-D integer tensor of token ids in ``[0, vocab_size)``."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a {shape} integer tensor, got {type(x).__name__}")
+    _data(x, name)
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
         raise ValueError(f"{name} must be a {shape} integer tensor, got dtype {x.dtype}")
     if x.dim() != 2:
@@ -206,3 +222,73 @@ def token_mask(name: str, mask, shape: torch.Size, expected: str) -> Tensor:
             raise ValueError(f"{name} must contain only 0 and 1")
         mask = mask != 0
     return mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training loops: stop at the first non-finite loss, gradient or parameter
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _where(step) -> str:
+    return f"step {step}" if isinstance(step, int) else str(step)
+
+
+def finite_update(step, loss, *modules) -> None:
+    """Before ``optimizer.step()``: the loss and the gradient norm of ``modules`` must be finite.
+
+    Raises :class:`FloatingPointError` naming the step and the quantity, so a loop stops at the first broken update
+    instead of running to the end on NaN weights. ``loss`` may be ``None`` (a loop that sets gradients by hand).
+    """
+    if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
+        raise FloatingPointError(f"{_where(step)}: the loss is {loss.detach().flatten()[0].item()}, not finite; "
+                                 "training stopped")
+    for module in modules:
+        grads = [p.grad.detach().float().square().sum() for p in module.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.stack(grads).sum().sqrt()
+            if not bool(torch.isfinite(norm)):
+                raise FloatingPointError(f"{_where(step)}: the gradient norm of {type(module).__name__} is "
+                                         f"{norm.item()}, not finite; training stopped")
+
+
+def finite_parameters(step, *modules) -> None:
+    """After ``optimizer.step()``: every parameter of ``modules`` must be finite (else :class:`FloatingPointError`)."""
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not bool(torch.isfinite(p.detach()).all()):
+                raise FloatingPointError(f"{_where(step)}: parameter {name} of {type(module).__name__} is not "
+                                         "finite after the update; training stopped")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hyper-parameters
+# ----------------------------------------------------------------------------------------------------------
+
+
+def positive_real(name: str, value) -> float:
+    """A finite real number ``> 0`` (not a ``bool``, a string or ``None``), as a float."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < float(value) < float("inf"):
+        raise ValueError(f"{name} must be a finite real number > 0, got {value!r}")
+    return float(value)
+
+
+def flag(name: str, value) -> bool:
+    """A ``bool``: strings such as ``"no"`` (truthy) and numbers are refused, not read as True."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def others_sum(x: Tensor, dim: int) -> Tensor:
+    """``sum_{j != i} x_j`` along ``dim`` for every ``i``, without the cancelling ``total - x_i``.
+
+    The sum of the others is an exclusive prefix sum plus an exclusive suffix sum: no subtraction, so a sample
+    that dominates the total (a rare action with a huge return) does not wipe out the others' digits, which
+    ``total - own`` does in float32.
+    """
+    n = x.shape[dim]
+    zero = torch.zeros_like(x.narrow(dim, 0, 1))
+    prefix = torch.cat([zero, x.narrow(dim, 0, n - 1).cumsum(dim)], dim) if n > 1 else zero
+    suffix = torch.cat([x.narrow(dim, 1, n - 1).flip(dim).cumsum(dim).flip(dim), zero], dim) if n > 1 else zero
+    return prefix + suffix
+

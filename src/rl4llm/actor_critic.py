@@ -240,7 +240,9 @@ def a2c(env_id: str = "CartPole-v1", *, num_envs: int = 8, steps: int = 32, upda
             # squared, and one joint clip would shrink the actor's step whenever the critic's gradient is large.
             nn.utils.clip_grad_norm_(policy.parameters(), float(max_grad_norm))
             nn.utils.clip_grad_norm_(value.parameters(), float(max_grad_norm))
+            check.finite_update(f"update {u}", loss, policy, value)
             optimizer.step()
+            check.finite_parameters(f"update {u}", policy, value)
             history["update"].append(u)
             history["env_steps"].append(env_steps)
             for k, x in stats.items():

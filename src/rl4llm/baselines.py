@@ -60,18 +60,18 @@ BASELINES = ("none", "batch_mean", "value", "optimal")
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_weights(weights, n: int, like: Tensor) -> Tensor | None:
+def _check_weights(weights, n: int, like: Tensor, name: str = "weights") -> Tensor | None:
     """Optional per-sample weights (e.g. exact probabilities) ``[n]``, finite and nonnegative."""
     if weights is None:
         return None
-    weights = check.float_tensor(weights, "weights")
+    weights = check.float_tensor(weights, name)
     if weights.shape != (n,):
-        raise ValueError(f"weights must have shape [N] = [{n}] (one per sample along dim 0), "
+        raise ValueError(f"{name} must have shape [N] = [{n}] (one per sample along dim 0), "
                          f"got {list(weights.shape)}")
     if weights.device != like.device:
-        raise ValueError(f"weights are on {weights.device} but the samples are on {like.device}")
+        raise ValueError(f"{name} is on {weights.device} but the samples are on {like.device}")
     if (weights < 0).any():
-        raise ValueError("weights must be nonnegative")
+        raise ValueError(f"{name} must be nonnegative")
     return weights
 
 
@@ -111,13 +111,15 @@ def control_variate_coefficient(target: Tensor, control: Tensor, *, weights: Ten
     if leave_one_out and n < 2:
         raise ValueError(f"target must have at least 2 samples along dim 0 for leave_one_out, "
                          f"got shape {list(target.shape)}")
-    w = torch.ones(n, dtype=target.dtype, device=target.device) if w is None else w.to(target.dtype)
+    acc = check.accumulation_dtype(target, control)       # bf16/fp16 sums in float32
+    w = torch.ones(n, dtype=acc, device=target.device) if w is None else w.to(acc)
     w = w.reshape(n, *([1] * (target.dim() - 1)))
-    num_i, den_i = w * target * control, w * control.square()
-    num, den = num_i.sum(0), den_i.sum(0)
-    if leave_one_out:
-        num, den = num - num_i, den - den_i
-    return check.safe_ratio(num, den, torch.zeros_like(den))
+    num_i, den_i = w * target.to(acc) * control.to(acc), w * control.to(acc).square()
+    if leave_one_out:                                     # the others' sums directly, not "total minus own"
+        num, den = check.others_sum(num_i, 0), check.others_sum(den_i, 0)
+    else:
+        num, den = num_i.sum(0), den_i.sum(0)
+    return check.safe_ratio(num, den, torch.zeros_like(den)).to(target.dtype)
 
 
 def optimal_baseline(grads_sq: Tensor, returns: Tensor, *, weights: Tensor | None = None,
@@ -154,15 +156,18 @@ def optimal_baseline(grads_sq: Tensor, returns: Tensor, *, weights: Tensor | Non
     if leave_one_out and n < 2:
         raise ValueError(f"returns must have at least 2 samples for leave_one_out, "
                          f"got shape {list(returns.shape)}")
-    w = torch.ones(n, dtype=grads_sq.dtype, device=grads_sq.device) if w is None else w.to(grads_sq.dtype)
+    acc = check.accumulation_dtype(grads_sq, returns)     # bf16/fp16 sums in float32
+    w = torch.ones(n, dtype=acc, device=grads_sq.device) if w is None else w.to(acc)
     shape = (n, *([1] * (grads_sq.dim() - 1)))
-    r, w = returns.to(grads_sq.dtype).reshape(shape), w.reshape(shape)
-    terms = [w * grads_sq * r, w * grads_sq, (w * r).expand_as(grads_sq), w.expand_as(grads_sq)]
-    sums = [x.sum(0) for x in terms]
-    if leave_one_out:
-        sums = [s - x for s, x in zip(sums, terms, strict=True)]
+    g2, r, w = grads_sq.to(acc), returns.to(acc).reshape(shape), w.reshape(shape)
+    terms = [w * g2 * r, w * g2, (w * r).expand_as(g2), w.expand_as(g2)]
+    if leave_one_out:   # the others' sums directly: "total minus own" cancels when one sample dominates
+        sums = [check.others_sum(x, 0) for x in terms]
+    else:
+        sums = [x.sum(0) for x in terms]
     num, den, plain_num, plain_den = sums
-    return check.safe_ratio(num, den, check.safe_ratio(plain_num, plain_den, torch.zeros_like(plain_den)))
+    out = check.safe_ratio(num, den, check.safe_ratio(plain_num, plain_den, torch.zeros_like(plain_den)))
+    return out.to(grads_sq.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,12 +186,14 @@ def weighted_mean_var(x: Tensor, prob: Tensor) -> tuple[Tensor, Tensor]:
         ``(mean, var)``, each of shape ``[...]``; ``var`` is :math:`\\sum_m p_m (x_m - \\mu)^2`.
     """
     x = check.float_tensor(x, "x")
-    prob = _check_weights(prob, x.shape[0], x)
+    prob = _check_weights(prob, x.shape[0], x, "prob")
     if prob is None or abs(prob.sum().item() - 1) > 1e-9:
         raise ValueError("prob must be a tensor of probabilities [M] that sums to 1")
-    p = prob.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-    mean = (p * x).sum(0)
-    return mean, (p * (x - mean).square()).sum(0)
+    acc = check.accumulation_dtype(x, prob)               # bf16/fp16 sums in float32
+    xa = x.to(acc)
+    p = prob.to(acc).reshape(-1, *([1] * (x.dim() - 1)))
+    mean = (p * xa).sum(0)
+    return mean.to(x.dtype), (p * (xa - mean).square()).sum(0).to(x.dtype)
 
 
 def leave_one_out_batch_variance(prob: Tensor, target: Tensor, control: Tensor, values: Tensor,
@@ -284,11 +291,13 @@ def fit_value(value: ValueNet, optimizer: torch.optim.Optimizer, obs: Tensor, ta
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     x, y = obs[mask], targets[mask].to(value.net[-1].weight.dtype)
     loss = torch.zeros(())
-    for _ in range(steps):
+    for k in range(steps):
         loss = (value(x) - y).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        check.finite_update(f"value fit step {k}", loss, value)
         optimizer.step()
+        check.finite_parameters(f"value fit step {k}", value)
     return loss.item()
 
 
@@ -450,7 +459,9 @@ def reinforce_with_baseline(env_id: str = "CartPole-v1", *, baseline: str = "val
             for p in policy.parameters():
                 p.grad = -grad[offset:offset + p.numel()].view_as(p).to(p.dtype)
                 offset += p.numel()
+            check.finite_update(f"iteration {it}", None, policy)
             opt.step()
+            check.finite_parameters(f"iteration {it}", policy)
             fit_value(value, value_opt, batch.obs, G, mask, steps=value_steps)
 
             env_steps += int(batch.lengths.sum())

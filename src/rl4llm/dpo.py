@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rl4llm import _validate as check
 from rl4llm.kl import categorical_kl
 from rl4llm.lm import sequence_logprobs
 
@@ -502,7 +503,9 @@ def train_dpo(policy: nn.Module, reference: nn.Module, pairs, *, beta: float, st
         loss.backward()
         if max_grad_norm is not None:
             nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+        check.finite_update(step, loss, policy)
         opt.step()
+        check.finite_parameters(step, policy)
         history.loss.append(loss.item())
         history.accuracy.append(stats.accuracy.item())
         history.chosen_reward.append(stats.chosen_rewards.mean().item())

@@ -274,7 +274,9 @@ def reinforce(env_id: str = "CartPole-v1", *, num_envs: int = 32, iterations: in
             loss = -reinforce_surrogate(logp, psi, batch.mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            check.finite_update(f"iteration {it}", loss, policy)
             optimizer.step()
+            check.finite_parameters(f"iteration {it}", policy)
 
             env_steps += int(batch.lengths.sum())
             history["iteration"].append(it)

@@ -299,7 +299,9 @@ def ppo(env_id: str = "CartPole-v1", *, num_envs: int = 8, num_steps: int = 128,
                     if max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
                         torch.nn.utils.clip_grad_norm_(value.parameters(), max_grad_norm)
+                    check.finite_update(f"iteration {it}", loss, policy, value)
                     optimizer.step()
+                    check.finite_parameters(f"iteration {it}", policy, value)
                     value_losses.append(vl.item())
 
             with torch.no_grad():

@@ -170,6 +170,8 @@ def discount_powers(gamma, steps: Tensor, *, dtype: torch.dtype = torch.float32)
         Tensor shaped like ``steps`` with entries :math:`\gamma^{k}`, on ``steps``' device.
     """
     gamma = check_gamma(gamma)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype (gamma ** k is not an integer), got {dtype!r}")
     if not isinstance(steps, Tensor) or steps.dtype == torch.bool or not _is_integer(steps.dtype):
         raise ValueError("steps must be an integer tensor")
     if (steps < 0).any():
@@ -510,6 +512,23 @@ def _gae_scan(deltas: Tensor, decay: Tensor, *, overwrite: bool = False) -> Tens
     return d_src
 
 
+def _gae_scan_differentiable(deltas: Tensor, decay: Tensor) -> Tensor:
+    """The scan of :func:`_gae_scan` written without ``out=`` buffers, so that autograd can differentiate it.
+
+    Used when the inputs require a gradient (a critic's values inside the graph); the same steps, in the same
+    order, as the buffered scan: ``A_t <- A_t + c_t A_{t+k}``, ``c_t <- c_t c_{t+k}`` for ``k = 1, 2, 4, ...``.
+    """
+    T = deltas.shape[-1]
+    d, c, k = deltas, decay, 1
+    while k < T:
+        n = T - k
+        d = torch.cat([torch.addcmul(d[..., :n], c[..., :n], d[..., k:]), d[..., n:]], dim=-1)
+        if 2 * k < T:
+            c = torch.cat([c[..., :n] * c[..., k:], c[..., n:]], dim=-1)
+        k *= 2
+    return d
+
+
 def _auto_method(shape: torch.Size, device: torch.device) -> str:
     """The method ``"auto"`` picks for ``[..., T]`` inputs on ``device``.
 
@@ -583,6 +602,8 @@ def gae(rewards: Tensor, values: Tensor, next_values: Tensor | None = None, *, g
         method = "delta" if glam == 0.0 else _auto_method(deltas.shape, deltas.device)
     if method == "delta":
         out = deltas
+    elif method == "scan" and torch.is_grad_enabled() and (deltas.requires_grad or decay.requires_grad):
+        out = _gae_scan_differentiable(deltas, decay)    # values with requires_grad: no out= buffers
     elif method == "scan":
         out = _gae_scan(deltas, decay, overwrite=True)  # both are temporaries of this call
     else:
@@ -615,10 +636,11 @@ def batch_mean_baseline(returns: Tensor, dim: int = 0, *, mask: Tensor | None = 
     returns = check.float_tensor(returns, "returns")
     dim = check.batch_dim(dim, returns, "returns")
     mask = check.mask_or_all(mask, returns, "returns")
-    v = torch.where(mask, returns, torch.zeros((), dtype=returns.dtype, device=returns.device))
-    count = mask.to(returns.dtype).sum(dim, keepdim=True)
+    acc = check.accumulation_dtype(returns)              # bf16/fp16 sums in float32
+    v = torch.where(mask, returns.to(acc), torch.zeros((), dtype=acc, device=returns.device))
+    count = mask.to(acc).sum(dim, keepdim=True)
     mean = check.safe_ratio(v.sum(dim, keepdim=True), count, torch.zeros_like(count))
-    return mean.expand_as(returns).clone()
+    return mean.expand_as(returns).to(returns.dtype)
 
 
 def leave_one_out_baseline(returns: Tensor, dim: int = 0, *, mask: Tensor | None = None) -> Tensor:
@@ -643,9 +665,9 @@ def leave_one_out_baseline(returns: Tensor, dim: int = 0, *, mask: Tensor | None
         raise ValueError(f"returns must have at least 2 samples along dim {dim} for a leave-one-out mean, "
                          f"got shape {list(returns.shape)}")
     mask = check.mask_or_all(mask, returns, "returns")
-    v = torch.where(mask, returns, torch.zeros((), dtype=returns.dtype, device=returns.device))
-    m = mask.to(returns.dtype)
-    others_sum = v.sum(dim, keepdim=True) - v
-    others_count = m.sum(dim, keepdim=True) - m
-    return check.safe_ratio(others_sum, others_count, torch.zeros_like(others_sum))
+    acc = check.accumulation_dtype(returns)              # bf16/fp16 sums in float32
+    v = torch.where(mask, returns.to(acc), torch.zeros((), dtype=acc, device=returns.device))
+    others = check.others_sum(v, dim)                    # no "total minus own": it cancels when one R_j dominates
+    others_count = check.others_sum(mask.to(acc), dim)
+    return check.safe_ratio(others, others_count, torch.zeros_like(others)).to(returns.dtype)
 

@@ -112,7 +112,8 @@ def kwise_ranking_loss(rewards_ranked: Tensor, mask: Tensor | None = None) -> Te
     if bool((counts < 2).any()):
         raise ValueError("mask [B, K] must keep at least two responses in every row (a pair needs two)")
     acc = check.accumulation_dtype(rewards_ranked)
-    r = rewards_ranked.to(acc)
+    # padding replaced before the differences: NaN there would otherwise reach the gradient through logsigmoid
+    r = torch.where(keep, rewards_ranked.to(acc), torch.zeros((), dtype=acc, device=rewards_ranked.device))
     d = r[:, :, None] - r[:, None, :]  # [B, K, K]: d[b, i, j] = r_i - r_j
     upper = torch.ones(K, K, dtype=torch.bool, device=r.device).triu(diagonal=1)  # i < j
     pairs = upper & keep[:, :, None] & keep[:, None, :]
@@ -280,8 +281,7 @@ def train_reward_model(rm: ScalarModel, pairs: PreferencePairs, *, epochs: int =
     """
     check.positive_int("epochs", epochs)
     check.positive_int("batch_size", batch_size)
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
+    lr = check.positive_real("lr", lr)
     check.nonneg_real(weight_decay, "weight_decay")
     if not isinstance(pairs, PreferencePairs):
         raise ValueError(f"pairs must be PreferencePairs, got {type(pairs).__name__}")
@@ -298,7 +298,9 @@ def train_reward_model(rm: ScalarModel, pairs: PreferencePairs, *, epochs: int =
             loss = bradley_terry_loss(c, r)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            check.finite_update(f"step {len(history.loss)}", loss, rm)
             opt.step()
+            check.finite_parameters(f"step {len(history.loss)}", rm)
             history.loss.append(loss.item())
         history.train_accuracy.append(preference_accuracy(rm, pairs))
     rm.eval()

@@ -30,6 +30,7 @@ accumulated in float32.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from rl4llm import _validate as check
+from rl4llm.device import get_device
 from rl4llm.kl import ESTIMATORS, per_token_kl
 from rl4llm.lm import TinyLM, TinyLMConfig, last_index, sample, token_logprobs
 from rl4llm.returns import gae
@@ -254,7 +256,7 @@ def make_setting(seed: int = 0, *, n_digits: int = 4, warmstart_steps: int = 120
         seed: seeds the initialisation and the warm start.
         n_digits: digits to copy.
         warmstart_steps: supervised steps.
-        device: where to put the model (None: CPU).
+        device: where to put the model (None: ``$RL4LLM_DEVICE`` if set, else the CPU).
 
     Returns:
         an :class:`RLHFSetting`.
@@ -266,8 +268,11 @@ def make_setting(seed: int = 0, *, n_digits: int = 4, warmstart_steps: int = 120
         raise ValueError(f"n_digits={n_digits} is too large for max_len={cfg.max_len}")
     torch.manual_seed(seed)
     model = TinyLM(cfg)
-    supervised_warmstart(model, task, steps=warmstart_steps, batch_size=64, lr=3e-3, seed=seed,
-                         device=device if device is not None else "cpu")
+    if device is not None:
+        device = get_device(str(device))
+    else:
+        device = get_device() if os.environ.get("RL4LLM_DEVICE") else torch.device("cpu")
+    supervised_warmstart(model, task, steps=warmstart_steps, batch_size=64, lr=3e-3, seed=seed, device=device)
     return RLHFSetting(task=task, true_reward=DigitGain(task), reference=model.eval(), seed=seed)
 
 
@@ -461,14 +466,13 @@ def ppo_lm(policy: TinyLM, reference: nn.Module, reward_fn: RewardFn, task: Task
         check.positive_int(name, value)
     if batch_size % minibatches:
         raise ValueError(f"minibatches={minibatches} must divide batch_size={batch_size}")
-    for name, value in (("lr", lr), ("value_lr", value_lr)):
-        if not (isinstance(value, Real) and value > 0):
-            raise ValueError(f"{name} must be positive, got {value!r}")
+    lr, value_lr = check.positive_real("lr", lr), check.positive_real("value_lr", value_lr)
+    check.flag("whiten_advantages", whiten_advantages)
     check.nonneg_real(clip_eps, "clip_eps")
     if value_clip is not None:
         check.nonneg_real(value_clip, "value_clip")
-    if max_grad_norm is not None and not (isinstance(max_grad_norm, Real) and max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm!r}")
+    if max_grad_norm is not None:
+        max_grad_norm = check.positive_real("max_grad_norm", max_grad_norm)
     if kl_estimator not in ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {sorted(ESTIMATORS)}, got {kl_estimator!r}")
     device = torch.device(device) if device is not None else _model_device(policy)
@@ -484,7 +488,7 @@ def ppo_lm(policy: TinyLM, reference: nn.Module, reward_fn: RewardFn, task: Task
     mb_size = batch_size // minibatches
     history = PPOHistory()
     start = time.perf_counter()
-    for _ in range(iterations):
+    for it in range(iterations):
         # 1-3: rollouts, rewards, advantages (no gradients)
         with torch.no_grad():
             x = task.encode_prompts(task.sample_prompts(batch_size, generator=gen, split="train"), device=device)
@@ -518,7 +522,9 @@ def ppo_lm(policy: TinyLM, reference: nn.Module, reward_fn: RewardFn, task: Task
                 loss.backward()
                 if max_grad_norm is not None:
                     nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+                check.finite_update(f"iteration {it}", loss, policy)
                 opt.step()
+                check.finite_parameters(f"iteration {it}", policy)
                 v = value_model.values(x[i], y[i], mask[i])
                 vloss = value_loss(v, returns[i], old_values=values_old[i] if value_clip is not None else None,
                                    clip_eps=value_clip, mask=mask[i])
@@ -526,7 +532,9 @@ def ppo_lm(policy: TinyLM, reference: nn.Module, reward_fn: RewardFn, task: Task
                 vloss.backward()
                 if max_grad_norm is not None:
                     nn.utils.clip_grad_norm_(value_model.parameters(), max_grad_norm)
+                check.finite_update(f"iteration {it} (critic)", vloss, value_model)
                 vopt.step()
+                check.finite_parameters(f"iteration {it} (critic)", value_model)
                 clip_fracs.append(stats.clip_fraction)
                 vlosses.append(vloss.item())
         history.clip_fraction.append(sum(clip_fracs) / len(clip_fracs))

@@ -104,6 +104,8 @@ def normalize_advantages(advantages: Tensor, mask: Tensor | None = None, *, eps:
         raise ValueError("advantages contain NaN or infinite values")
     acc = check.accumulation_dtype(advantages)
     a = advantages.to(acc)
+    if mask is not None:   # padding (NaN, inf) replaced before any arithmetic: it reaches no value, no gradient
+        a = torch.where(mask, a, torch.zeros((), dtype=acc, device=a.device))
     mean = masked_mean(a, mask)
     centred = a - mean
     var = masked_mean(centred.square(), mask)
@@ -182,6 +184,10 @@ def policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, *, clip_eps:
     """
     for name, x in (("logp", logp), ("logp_old", logp_old), ("advantages", advantages)):
         check.floating(x, name)
+    # Shapes first: torch.where below would broadcast a [B], [B, 1] or [1, T] advantage silently (and with
+    # B == T wrongly), where without a mask the same call is refused.
+    check.same(logp_old, logp, "logp_old", "logp")
+    check.same(advantages, logp, "advantages", "logp")
     mask = check.mask_or_none(mask, logp, "logp")
     if mask is not None:  # padding may hold anything (-inf, NaN): keep it out of the value and the gradient
         logp, logp_old, advantages = (torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))

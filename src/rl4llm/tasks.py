@@ -297,7 +297,7 @@ class AdditionTask(Task):
     """
 
     name = "addition"
-    _pattern = re.compile(r"(\d+)\+(\d+)=")
+    _pattern = re.compile(r"([0-9]+)\+([0-9]+)=")  # ASCII digits only, not Unicode \d
 
     def _draw(self, n, generator):
         a, b = _digits(n, self.n_digits, generator), _digits(n, self.n_digits, generator)
@@ -324,7 +324,7 @@ class CopyTask(Task):
         return [f"{self._tag}{s}=" for s in _digits(n, self.n_digits, generator)]
 
     def _operand(self, prompt: str) -> str:
-        m = re.fullmatch(rf"{self._tag}(\d{{{self.n_digits}}})=", prompt)
+        m = re.fullmatch(rf"{self._tag}([0-9]{{{self.n_digits}}})=", prompt)
         if m is None:
             raise ValueError(f"prompt {prompt!r} is not a {self.name} prompt of {self.n_digits} digits")
         return m.group(1)
@@ -413,8 +413,7 @@ def supervised_warmstart(model: nn.Module, task: Task, *, steps: int, batch_size
                         ("eval_n", eval_n)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
+    lr = check.positive_real("lr", lr)
     if stop_at_accuracy is not None and not 0 < stop_at_accuracy <= 1:
         raise ValueError(f"stop_at_accuracy must be in (0, 1] or None, got {stop_at_accuracy!r}")
     device = torch.device(device) if device is not None else _model_device(model)
@@ -431,7 +430,9 @@ def supervised_warmstart(model: nn.Module, task: Task, *, steps: int, batch_size
         loss = -(logp.sum() / mask.sum())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        check.finite_update(step, loss, model)
         opt.step()
+        check.finite_parameters(step, model)
         history.loss.append(loss.item())
         if stop_at_accuracy is not None and step % eval_every == 0:
             acc = accuracy(model, task, n=eval_n, seed=seed + 1, split="train", device=device)
@@ -541,6 +542,8 @@ def preference_pairs(reward_fn: RewardFn, prompts: Tensor, first: Tensor, first_
     r2 = reward_fn(prompts, second, masks[1]).float()
     if r1.shape != (B,) or r2.shape != (B,):
         raise ValueError(f"reward_fn must return [B] = ({B},), got {tuple(r1.shape)} and {tuple(r2.shape)}")
+    if not bool(torch.isfinite(r1).all() and torch.isfinite(r2).all()):
+        raise ValueError("reward_fn returned NaN or infinite rewards; a preference between them is undefined")
     p1 = torch.sigmoid(scale * (r1 - r2))
     u = torch.rand(B, generator=generator, device=generator.device if generator is not None else "cpu")
     win = u.to(p1.device) < p1  # [B] first response preferred

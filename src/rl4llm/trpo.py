@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rl4llm import _validate as check
 from rl4llm.actor_critic import rollout_advantages
 from rl4llm.device import get_device, seed_everything
 from rl4llm.envs import RolloutCollector, check_env, make_vector_env
@@ -468,6 +469,7 @@ def trpo(env_id: str = "CartPole-v1", *, num_envs: int = 8, num_steps: int = 256
             obs, actions, adv, ret = ro.obs[mask], ro.actions[mask], adv[mask], ret[mask]
             stats = trpo_update(policy, obs, actions, normalize_advantages(adv), max_kl=max_kl, damping=damping,
                                 cg_iters=cg_iters, backtrack=backtrack, max_backtracks=max_backtracks)
+            check.finite_parameters(f"iteration {it}", policy)
             n = obs.shape[0]
             for _ in range(value_epochs):
                 for idx in torch.randperm(n, generator=generator, device=device).tensor_split(value_minibatches):
@@ -476,7 +478,9 @@ def trpo(env_id: str = "CartPole-v1", *, num_envs: int = 8, num_steps: int = 256
                     loss = value_loss(value(obs[idx]), ret[idx])
                     value_opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    check.finite_update(f"iteration {it} (critic)", loss, value)
                     value_opt.step()
+                    check.finite_parameters(f"iteration {it} (critic)", value)
             env_steps = (it + 1) * num_envs * num_steps
             mean_return = float(np.mean([r for r, _ in episodes])) if episodes else math.nan
             history["iteration"].append(it)
