@@ -17,6 +17,7 @@ __all__ = [
     "batch_dim",
     "dim_index",
     "finite_float",
+    "finite_on",
     "finite_parameters",
     "finite_update",
     "float_nonempty",
@@ -292,3 +293,11 @@ def others_sum(x: Tensor, dim: int) -> Tensor:
     suffix = torch.cat([x.narrow(dim, 1, n - 1).flip(dim).cumsum(dim).flip(dim), zero], dim) if n > 1 else zero
     return prefix + suffix
 
+
+
+def finite_on(x: Tensor, mask: Tensor | None, name: str) -> None:
+    """``x`` must be finite wherever ``mask`` is True (everywhere without a mask): padding may hold anything."""
+    values = x.detach() if mask is None else x.detach()[mask]
+    if not bool(torch.isfinite(values).all()):
+        where = "" if mask is None else " on real (mask = 1) entries"
+        raise ValueError(f"{name} contains NaN or infinite values{where}")

@@ -359,6 +359,8 @@ def sequence_log_ratio(logp: Tensor, logp_old: Tensor, mask: Tensor) -> Tensor:
     if logp.dim() != 2 or logp_old.shape != logp.shape:
         raise ValueError(f"logp and logp_old must both be [N, L], got {list(logp.shape)} and {list(logp_old.shape)}")
     keep = _check_mask(mask, logp.shape, logp.device)
+    check.finite_on(logp, keep, "logp")
+    check.finite_on(logp_old, keep, "logp_old")
     acc = _acc(logp, logp_old)
     zero = torch.zeros((), dtype=acc, device=logp.device)
     diff = torch.where(keep, logp.to(acc), zero) - torch.where(keep, logp_old.detach().to(acc), zero)

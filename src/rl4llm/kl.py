@@ -68,6 +68,8 @@ def _log_ratio(logp, logq, mask, names=("logp", "logq")) -> tuple[Tensor, Tensor
         raise ValueError(f"{names[1]} must be on {names[0]}'s device {logp.device}, got {logq.device}")
     acc = torch.promote_types(_accumulation_dtype(logp.dtype), _accumulation_dtype(logq.dtype))
     if mask is None:
+        check.finite_on(logp, None, names[0])
+        check.finite_on(logq, None, names[1])
         return logp.to(acc) - logq.to(acc), None
     if not isinstance(mask, Tensor):
         raise ValueError(f"mask must be a tensor of 0/1 with shape {tuple(logp.shape)}, got {type(mask).__name__}")
@@ -78,6 +80,8 @@ def _log_ratio(logp, logq, mask, names=("logp", "logq")) -> tuple[Tensor, Tensor
             raise ValueError("mask must hold only 0 and 1")
         mask = mask != 0
     mask = mask.to(logp.device)
+    check.finite_on(logp, mask, names[0])
+    check.finite_on(logq, mask, names[1])
     # Padding (NaN, -inf) is replaced before any arithmetic, so it reaches neither the value nor the gradient.
     zero = torch.zeros((), dtype=acc, device=logp.device)
     log_r = torch.where(mask, logp.to(acc), zero) - torch.where(mask, logq.to(acc), zero)

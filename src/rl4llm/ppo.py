@@ -111,6 +111,8 @@ def kl_penalty_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, kl: Tens
         check.same(x, logp, name, "logp")
     beta = check.nonneg_real(beta, "beta")
     mask = check.mask_or_none(mask, logp, "logp")
+    for name, x in (("logp", logp), ("logp_old", logp_old), ("advantages", advantages), ("kl", kl)):
+        check.finite_on(x, mask, name)
     if mask is not None:
         logp, logp_old, advantages, kl = (torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
                                           for x in (logp, logp_old, advantages, kl))

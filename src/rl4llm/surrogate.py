@@ -66,6 +66,12 @@ def masked_mean(x: Tensor, mask: Tensor | None = None, dim: int | tuple[int, ...
     """
     x = check.floating(x, "x")
     mask = check.mask_or_none(mask, x, "x")
+    check.finite_on(x, mask, "x")
+    return _masked_mean(x, mask, dim)
+
+
+def _masked_mean(x: Tensor, mask: Tensor | None, dim=None) -> Tensor:
+    """:func:`masked_mean` on checked inputs (``mask`` already bool or None)."""
     acc = check.accumulation_dtype(x)
     xs = x.to(acc)
     if mask is None:
@@ -106,9 +112,9 @@ def normalize_advantages(advantages: Tensor, mask: Tensor | None = None, *, eps:
     a = advantages.to(acc)
     if mask is not None:   # padding (NaN, inf) replaced before any arithmetic: it reaches no value, no gradient
         a = torch.where(mask, a, torch.zeros((), dtype=acc, device=a.device))
-    mean = masked_mean(a, mask)
+    mean = _masked_mean(a, mask)
     centred = a - mean
-    var = masked_mean(centred.square(), mask)
+    var = _masked_mean(centred.square(), mask)
     std = var.sqrt()
     zero = torch.zeros((), dtype=acc, device=a.device)
     scale = torch.where(std > eps, std, torch.ones((), dtype=acc, device=a.device))
@@ -141,6 +147,14 @@ def clipped_objective(logp: Tensor, logp_old: Tensor, advantages: Tensor, *, cli
     check.same(advantages, logp, "advantages", "logp")
     eps_low = check.nonneg_real(clip_eps, "clip_eps")
     eps_high = eps_low if clip_eps_high is None else check.nonneg_real(clip_eps_high, "clip_eps_high")
+    for name, x in (("logp", logp), ("logp_old", logp_old), ("advantages", advantages)):
+        check.finite_on(x, None, name)
+    return _clipped_objective(logp, logp_old, advantages, eps_low, eps_high)
+
+
+def _clipped_objective(logp: Tensor, logp_old: Tensor, advantages: Tensor, eps_low: float,
+                       eps_high: float) -> Tensor:
+    """:func:`clipped_objective` on checked inputs."""
     acc = check.accumulation_dtype(logp, logp_old, advantages)
     ratio = torch.exp(logp.to(acc) - logp_old.detach().to(acc))
     adv = advantages.detach().to(acc)
@@ -189,11 +203,15 @@ def policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, *, clip_eps:
     check.same(logp_old, logp, "logp_old", "logp")
     check.same(advantages, logp, "advantages", "logp")
     mask = check.mask_or_none(mask, logp, "logp")
+    for name, x in (("logp", logp), ("logp_old", logp_old), ("advantages", advantages)):
+        check.finite_on(x, mask, name)
+    eps_low = check.nonneg_real(clip_eps, "clip_eps")
+    eps_high = eps_low if clip_eps_high is None else check.nonneg_real(clip_eps_high, "clip_eps_high")
     if mask is not None:  # padding may hold anything (-inf, NaN): keep it out of the value and the gradient
         logp, logp_old, advantages = (torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
                                       for x in (logp, logp_old, advantages))
-    obj = clipped_objective(logp, logp_old, advantages, clip_eps=clip_eps, clip_eps_high=clip_eps_high)
-    loss = -masked_mean(obj, mask)
+    obj = _clipped_objective(logp, logp_old, advantages, eps_low, eps_high)
+    loss = -_masked_mean(obj, mask)
     with torch.no_grad():
         eps_low = float(clip_eps)
         eps_high = eps_low if clip_eps_high is None else float(clip_eps_high)
@@ -203,10 +221,10 @@ def policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, *, clip_eps:
         adv = advantages.detach().to(acc)
         clipped = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps_low))
         stats = PolicyLossStats(
-            clip_fraction=float(masked_mean(clipped.to(acc), mask)),
-            approx_kl_k1=float(masked_mean(kl_k1(logp.detach().to(acc), logp_old.detach().to(acc)), mask)),
-            approx_kl_k3=float(masked_mean(kl_k3(logp.detach().to(acc), logp_old.detach().to(acc)), mask)),
-            ratio_mean=float(masked_mean(ratio, mask)),
+            clip_fraction=float(_masked_mean(clipped.to(acc), mask)),
+            approx_kl_k1=float(_masked_mean(kl_k1(logp.detach().to(acc), logp_old.detach().to(acc)), mask)),
+            approx_kl_k3=float(_masked_mean(kl_k3(logp.detach().to(acc), logp_old.detach().to(acc)), mask)),
+            ratio_mean=float(_masked_mean(ratio, mask)),
         )
     return loss, stats
 
@@ -233,6 +251,8 @@ def value_loss(values: Tensor, returns: Tensor, *, old_values: Tensor | None = N
     check.floating(returns, "returns")
     check.same(returns, values, "returns", "values")
     mask = check.mask_or_none(mask, values, "values")
+    check.finite_on(values, mask, "values")
+    check.finite_on(returns, mask, "returns")
     if mask is not None:  # padding may hold anything: keep it out of the value and the gradient
         values, returns = (torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
                            for x in (values, returns))
@@ -252,5 +272,5 @@ def value_loss(values: Tensor, returns: Tensor, *, old_values: Tensor | None = N
         vo = old_values.detach().to(acc)
         v_clipped = vo + (v - vo).clamp(-eps, eps)
         sq = torch.maximum(sq, (v_clipped - target).square())
-    return 0.5 * masked_mean(sq, mask)
+    return 0.5 * _masked_mean(sq, mask)
 
