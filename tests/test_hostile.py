@@ -3,7 +3,8 @@
 For each function a valid call is built at ``B == T`` (so a broadcast would be silent), then one tensor argument
 at a time is replaced by: a tensor of the wrong rank, broadcastable shapes (``[B]``, ``[B, 1]``, ``[1, T]``), a NaN
 at a real position, an empty tensor, and for masks the values 2 and -1 (shape variants only where two arguments
-must agree: a lone ``[..., T]`` argument may have any rank, and its empty input has the exact empty answer). Each of these must raise ValueError or
+must agree: a lone ``[..., T]`` argument may have any rank, and its empty input has the exact empty
+answer). Each of these must raise ValueError or
 TypeError. Then every floating-point input is cast to bfloat16: the call must succeed and agree with the float32
 call to bfloat16 rounding. The number of cases is printed by ``test_battery_size``.
 """
