@@ -162,3 +162,107 @@ def test_bfloat16_inputs_are_accumulated_in_float32(fname):
 def test_battery_size():
     print(f"\n{len(CASES)} public functions, {len(BAD)} bad inputs, {len(CASES)} bfloat16 calls")
     assert len(BAD) > 150
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The examples of each bug class, as regression tests
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_policy_loss_refuses_broadcast_advantages_with_a_mask():
+    logp, m = _lp(0), _mask()
+    for adv in (_vec(1), _vec(1)[:, None], _vec(1)[None, :]):
+        with pytest.raises(ValueError, match="advantages must have the shape of logp"):
+            surrogate.policy_loss(logp, _lp(1), adv, mask=m)
+
+
+def test_string_booleans_and_infinite_learning_rates_are_refused():
+    with pytest.raises(ValueError, match="leave_one_out must be True or False"):
+        grpo.GRPOConfig(leave_one_out="no")
+    with pytest.raises(ValueError, match="leave_one_out must be True or False"):
+        grpo.group_advantages(torch.rand(2, 4), leave_one_out="no")
+    with pytest.raises(ValueError, match="lr must be a positive finite number"):
+        grpo.GRPOConfig(lr=math.inf)
+    with pytest.raises(ValueError, match="discount_powers|dtype must be a floating-point"):
+        returns.discount_powers(0.5, torch.arange(4), dtype=torch.int64)
+
+
+def test_full_width_digits_are_not_task_prompts():
+    from rl4llm.tasks import AdditionTask, CopyTask
+
+    with pytest.raises(ValueError):
+        AdditionTask(2).answer("\uff11\uff12+\uff13\uff14=")
+    task = CopyTask(4)
+    prompt = task.sample_prompts(1, generator=torch.Generator().manual_seed(0))[0]
+    wide = "".join(chr(ord(c) + 0xFEE0) if c.isdigit() else c for c in prompt)
+    with pytest.raises(ValueError):
+        task.answer(wide)
+
+
+def test_leave_one_out_without_cancellation_and_std_without_overflow():
+    from rl4llm import baselines
+
+    r = torch.tensor([1e8, 1.0, 2.0, 1.5])                  # float32, one dominating sample
+    assert baselines.optimal_baseline(torch.ones(4, 1), r, leave_one_out=True)[0, 0].item() == 1.5
+    assert returns.leave_one_out_baseline(r, 0)[0].item() == 1.5
+    big = torch.tensor([[1e19, -1e19, 3e19, 0.0]])
+    adv = grpo.group_advantages(big, eps=0.0)
+    assert torch.isfinite(adv).all() and (adv != 0).any()        # float32 squares overflow here
+    assert torch.allclose(adv, grpo.group_advantages(big.double() / 1e19, eps=0.0).float(), rtol=1e-5)
+
+
+def test_bf16_moments_are_accumulated_in_float32():
+    from rl4llm import baselines
+
+    x = torch.tensor([0.0, 2.0], dtype=torch.bfloat16)
+    mean, var = baselines.weighted_mean_var(x, torch.tensor([0.5, 0.5]))
+    assert mean.item() == 1.0 and var.item() == 1.0
+    with pytest.raises(ValueError, match="prob must"):
+        baselines.weighted_mean_var(x, torch.tensor([0.5, -0.5]))
+
+
+def test_padding_reaches_no_gradient():
+    logp = _lp(0).requires_grad_()
+    m = _mask()
+    poisoned = torch.where(m, _lp(1), torch.tensor(math.nan))
+    for fn in (kl.kl_k2, kl.kl_k3):
+        (g,) = torch.autograd.grad(fn(logp, poisoned, m).sum(), logp)
+        assert torch.isfinite(g).all() and (g[~m] == 0).all()
+    adv = torch.where(m, _lp(2), torch.tensor(-math.inf)).requires_grad_()
+    (g,) = torch.autograd.grad(surrogate.normalize_advantages(adv, m).square().sum(), adv)
+    assert torch.isfinite(g).all()
+    rr = torch.where(m, _lp(3), torch.tensor(math.nan)).requires_grad_()
+    (g,) = torch.autograd.grad(reward_model.kwise_ranking_loss(rr, m), rr)
+    assert torch.isfinite(g).all()
+
+
+def test_gae_differentiates_values_on_the_scan_path():
+    r = torch.randn(2, 40, dtype=torch.float64)
+    v = torch.randn(2, 40, dtype=torch.float64, requires_grad=True)
+    (g_scan,) = torch.autograd.grad(returns.gae(r, v, gamma=0.9, lam=0.8, method="scan").sum(), v)
+    (g_loop,) = torch.autograd.grad(returns.gae(r, v, gamma=0.9, lam=0.8, method="loop").sum(), v)
+    assert torch.allclose(g_scan, g_loop, rtol=1e-12, atol=1e-12)
+
+
+def test_preference_pairs_refuse_nan_rewards():
+    from rl4llm.tasks import preference_pairs
+
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    mask = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="NaN"):
+        preference_pairs(lambda p, t, m: torch.full((2,), math.nan), ids, ids, mask, ids, mask)
+
+
+def test_a_training_loop_stops_at_the_first_non_finite_update():
+    from rl4llm.lm import TinyLM, TinyLMConfig
+    from rl4llm.tasks import CopyTask, supervised_warmstart
+
+    task = CopyTask(2)
+    model = TinyLM(TinyLMConfig(vocab_size=task.tokenizer.vocab_size, d_model=16, n_head=2, n_layer=1,
+                                max_len=16))
+    with torch.no_grad():
+        model.wte.weight[3, 0] = math.nan
+    with pytest.raises(FloatingPointError, match="step 1: the loss is nan"):
+        supervised_warmstart(model, task, steps=3, batch_size=4, device="cpu")
+    with pytest.raises(ValueError, match="lr must be a finite real number > 0"):
+        supervised_warmstart(model, task, steps=1, lr=math.inf, device="cpu")
