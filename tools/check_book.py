@@ -7,7 +7,8 @@ Every page is opened at two widths, a laptop (1400 px) and a phone (420 px). A p
 - something overflows sideways: an element of the article (prose, display math, a theorem box, a table, a figure,
   code or its output) reaches past the right edge of the article column by more than ``ALLOWANCE_PX``, or the page
   itself scrolls sideways. A box that scrolls inside its own frame (display math, a wide table or code output)
-  does not overflow the page; those are counted and reported, not failed;
+  does not overflow the page; those are counted and reported, not failed. Content clipped by a box that hides
+  its overflow counts as overflow;
 - it does not link to the repository and its issue tracker (the URL in ``_config.yml``, ``repository.url``);
 - at 420 px, the one visible navigation button (\u2630) does not open the table of contents, or two search
   fields are visible at 1400 px;
@@ -86,8 +87,8 @@ OVERFLOW_JS = r"""
   const scrollsInside = el => {
     for (let a = el.parentElement; a && a !== article; a = a.parentElement) {
       const ox = getComputedStyle(a).overflowX;
-      if ((ox === 'auto' || ox === 'scroll' || ox === 'hidden') && a.getBoundingClientRect().right <= right + allowance)
-        return a;
+      if ((ox === 'auto' || ox === 'scroll') && a.getBoundingClientRect().right <= right + allowance) return a;
+      if (ox === 'hidden' || ox === 'clip') return null;   // clipped: the reader cannot scroll to what is cut off
     }
     return null;
   };
