@@ -1,7 +1,7 @@
 # Reinforcement learning for LLMs, derived and run.
 #   make book   -> set up .venv + MathJax, build the HTML book, print where to open it
 #   make test   -> set up, then run every check (unit tests, notebook pairs, nbval twice, book build, browser check)
-# Other targets: setup, execute [NB=notebooks/05_policy_gradient.md], sync, bench, gpu-check, lint, clean.
+# Other targets: setup, lab, serve, execute [NB=notebooks/05_policy_gradient.md], sync, bench, gpu-check, lint, clean.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -20,8 +20,12 @@ NB    ?= all
 BUILD := _build
 MATHJAX_SRC := node_modules/mathjax/es5
 MATHJAX_DST := book/_static/mathjax
+# JupyterLab is not needed to build or test the book; `make lab` installs this version into the environment.
+JUPYTERLAB ?= jupyterlab==4.6.6
+PORT ?= 8000
 
-.PHONY: help setup book test unit pairs nbval nbval-avx2 build-book check-book browser-deps execute sync bench gpu-check lint clean
+.PHONY: help setup book test unit pairs nbval nbval-avx2 build-book check-book browser-deps execute sync bench gpu-check lint \
+        lab serve clean
 
 help:
 	@sed -n '2,4p' Makefile
@@ -51,11 +55,27 @@ build-book: setup $(MATHJAX_DST)/tex-chtml-full.js
 	$(PY) tools/check_html.py $(BUILD)/html
 
 book: build-book
-	@echo "Open the book at: file://$(abspath $(BUILD)/html/index.html)"
+	@echo "Open the book at: file://$(abspath $(BUILD)/html/index.html)  (or run make serve, for search excerpts)"
+
+# Serve the built book over http: the search page shows excerpts only when the pages are fetched over http.
+serve:
+	@test -f $(BUILD)/html/index.html || { echo "no built book: run make book first"; exit 1; }
+	@echo "Serving the book at http://127.0.0.1:$(PORT)/ (Ctrl-C stops)"
+	$(PY) -m http.server --bind 127.0.0.1 --directory $(BUILD)/html $(PORT)
+
+# --- working on the notebooks --------------------------------------------------------------------------------
+# JupyterLab in the project's environment, opened on notebooks/ (jupytext pairs each .md with its .ipynb).
+$(VENV)/.lab-stamp: $(VENV)/.stamp
+	$(PY) -m pip install --quiet -c constraints.txt "$(JUPYTERLAB)"
+	@touch $@
+
+lab: $(VENV)/.lab-stamp
+	$(BIN)/jupyter lab notebooks
 
 # --- checks ------------------------------------------------------------------------------------------------
 lint: setup
 	$(BIN)/ruff check src tests tools benchmarks
+	$(PY) tools/lint_md.py
 
 unit: setup
 	$(PY) -m pytest tests -q

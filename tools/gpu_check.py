@@ -4,8 +4,8 @@
 
 Needs only torch, sympy, numpy and matplotlib (and gymnasium for the CartPole chapters): each notebook's code
 cells are extracted into a script (tools/notebook_code.py) and run with ``RL4LLM_DEVICE=cuda``, so no Jupyter
-stack is required. Benchmark results are written to ``benchmarks/results/``. Exits non-zero, with a clear message,
-when no CUDA device is present or when anything fails.
+stack is required. Benchmark results are written to ``src/rl4llm/bench_results/``. Exits non-zero, with a clear
+message, when no CUDA device is present or when anything fails.
 """
 
 from __future__ import annotations

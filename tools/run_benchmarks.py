@@ -4,7 +4,7 @@
 
 Each ``benchmarks/bench_*.py`` accepts ``--device``, ``--quick`` and ``--out FILE.json``; it prints a table of
 ratios against its baseline, measured in the same run, and writes the rows to
-``benchmarks/results/<name>-<device>.json`` (the file the book's chapters display).
+``src/rl4llm/bench_results/<name>-<device>.json`` (package data: the file the book's chapters display).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main() -> int:
     if not scripts:
         print("no benchmarks found")
         return 0
-    out_dir = ROOT / "benchmarks" / "results"
+    out_dir = ROOT / "src" / "rl4llm" / "bench_results"
     out_dir.mkdir(exist_ok=True)
     failed = []
     for script in scripts:
