@@ -5,6 +5,8 @@ Each module holds one idea and is meant to be read top to bottom:
 - :mod:`rl4llm.device`  -- choosing the device, seeding.
 - :mod:`rl4llm.checks`  -- asserting symbolic identities and displaying them.
 - :mod:`rl4llm.mdp`     -- finite tabular MDPs: exact evaluation, exact objectives, trajectory enumeration.
+- :mod:`rl4llm.token_mdp` -- the prefix-tree MDP of a language model over a tiny vocabulary, built exactly.
+- :mod:`rl4llm.dp`      -- Bellman operators, value and policy iteration, brute force, gymnasium toy-text tables.
 - :mod:`rl4llm.returns` -- discounted returns, reward-to-go and GAE with episode boundaries (loop and parallel scan).
 - :mod:`rl4llm.pg`      -- REINFORCE gradient estimators, a policy network, a training loop.
 - :mod:`rl4llm.baselines` -- baselines for policy-gradient estimators: batch mean, leave-one-out, optimal, learned.
