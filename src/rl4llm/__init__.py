@@ -17,6 +17,8 @@ Tier 1, networks, environments and pure math:
 - :mod:`rl4llm.kl`      -- the k1, k2, k3 KL estimators, per token with masks, and the exact categorical KL.
 - :mod:`rl4llm.surrogate` -- the clipped surrogate, the value loss, masked means, advantage normalisation.
 - :mod:`rl4llm.mdp`     -- finite tabular MDPs: exact evaluation, exact objectives, trajectory enumeration.
+- :mod:`rl4llm.dp`      -- Bellman operators, value and policy iteration, brute force, toy-text tables (chapter 2).
+- :mod:`rl4llm.token_mdp` -- the prefix-tree MDP of a language model over a tiny vocabulary, built exactly.
 - :mod:`rl4llm.lm`      -- a tiny causal transformer policy, sampling, memory-lean token log-probabilities.
 
 Tier 2, one algorithm per module (pure functions first, its training loop last):
@@ -45,7 +47,7 @@ __version__ = "0.1.0"
 
 SUBMODULES = (
     "device", "checks",
-    "nets", "envs", "returns", "kl", "surrogate", "mdp", "lm",
+    "nets", "envs", "returns", "kl", "surrogate", "mdp", "dp", "token_mdp", "lm",
     "pg", "baselines", "actor_critic", "ppo", "trpo", "tasks", "reward_model", "rlhf", "dpo", "grpo",
 )
 """The public modules, tier by tier, each in the order its tier allows imports."""
