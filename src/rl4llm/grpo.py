@@ -6,7 +6,7 @@ with a verifier, and gives every token of :math:`o_i` the advantage
 
 .. math:: \hat A_i = \frac{r_i - \operatorname{mean}(r_1, \dots, r_G)}{\operatorname{std}(r_1, \dots, r_G) + \epsilon}.
 
-The policy then takes several gradient steps on the clipped objective of :mod:`rl4llm.ppo`, with per-token
+The policy then takes several gradient steps on the clipped objective of :mod:`rl4llm.surrogate`, with per-token
 ratios :math:`\rho_{i,t} = \pi_\theta(o_{i,t} \mid q, o_{i,<t}) / \pi_{\theta_\mathrm{old}}(o_{i,t} \mid q,
 o_{i,<t})`, minus :math:`\beta` times a per-token :math:`k_3` estimate of :math:`\mathrm{KL}(\pi_\theta \,\|\,
 \pi_\mathrm{ref})` placed *in the loss* (not in the reward). What papers and libraries disagree about, and what
@@ -43,10 +43,11 @@ from numbers import Real
 import torch
 from torch import Tensor, nn
 
-from rl4llm.baselines import batch_mean_baseline, leave_one_out_baseline
+from rl4llm import _validate as check
 from rl4llm.kl import per_token_kl
 from rl4llm.lm import frozen_copy, sample, token_logprobs
-from rl4llm.ppo import clipped_objective
+from rl4llm.returns import batch_mean_baseline, leave_one_out_baseline
+from rl4llm.surrogate import clipped_objective
 
 __all__ = [
     "AGGREGATIONS",
@@ -127,9 +128,19 @@ def _std(x: Tensor, dim, ddof: int) -> Tensor:
     """Standard deviation with ``ddof`` over ``dim`` (keepdim), or over everything for ``dim=None``."""
     n = x.numel() if dim is None else x.shape[dim]
     mean = x.mean() if dim is None else x.mean(dim, keepdim=True)
-    ss = (x - mean).square()
+    centred = x - mean
+    ss = centred.square()
     ss = ss.sum() if dim is None else ss.sum(dim, keepdim=True)
-    return (ss / (n - ddof)).sqrt()
+    std = (ss / (n - ddof)).sqrt()
+    if bool(torch.isfinite(std).all()):
+        return std
+    # (x - mean)^2 overflowed (|x| near 1e19 in float32), which would turn every advantage into 0: scale by the
+    # largest deviation before squaring, so the squares are at most 1.
+    big = centred.abs().amax() if dim is None else centred.abs().amax(dim, keepdim=True)
+    safe = torch.where(big > 0, big, torch.ones_like(big))
+    ss = (centred / safe).square()
+    ss = ss.sum() if dim is None else ss.sum(dim, keepdim=True)
+    return torch.where(torch.isfinite(std), std, safe * (ss / (n - ddof)).sqrt())
 
 
 def group_advantages(rewards: Tensor, *, scale: str = "group", leave_one_out: bool = False, eps: float = 1e-4,
@@ -138,8 +149,8 @@ def group_advantages(rewards: Tensor, *, scale: str = "group", leave_one_out: bo
 
     The baseline :math:`b_i` is the mean of the group (``leave_one_out=False``, GRPO; it includes
     :math:`r_i` itself, which shrinks the expected gradient by :math:`(G-1)/G`, see
-    :func:`rl4llm.baselines.batch_mean_baseline`) or the mean of the *other* :math:`G - 1` rewards
-    (``leave_one_out=True``, RLOO; :func:`rl4llm.baselines.leave_one_out_baseline`). The scale
+    :func:`rl4llm.returns.batch_mean_baseline`) or the mean of the *other* :math:`G - 1` rewards
+    (``leave_one_out=True``, RLOO; :func:`rl4llm.returns.leave_one_out_baseline`). The scale
     :math:`\sigma` is
 
     - ``"group"``: the standard deviation of the group's rewards (GRPO; a per-prompt rescaling that weights
@@ -172,6 +183,7 @@ def group_advantages(rewards: Tensor, *, scale: str = "group", leave_one_out: bo
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards contain NaN or infinite values")
     _check_choice(scale, "scale", SCALINGS)
+    check.flag("leave_one_out", leave_one_out)
     eps = _check_nonneg(eps, "eps")
     if ddof not in (0, 1) or isinstance(ddof, bool):
         raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
@@ -380,7 +392,7 @@ def grpo_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor, 
     r"""The GRPO loss :math:`\sum_{i,t} w_{i,t} (-\ell^\mathrm{clip}_{i,t} + \beta\, k_{3,i,t})`, to be minimised.
 
     :math:`\ell^\mathrm{clip}_{i,t} = \min(\rho \hat A_{i,t}, \mathrm{clip}(\rho, 1 - \epsilon_\mathrm{low}, 1 +
-    \epsilon_\mathrm{high}) \hat A_{i,t})` is :func:`rl4llm.ppo.clipped_objective`, with
+    \epsilon_\mathrm{high}) \hat A_{i,t})` is :func:`rl4llm.surrogate.clipped_objective`, with
 
     - ``importance_level="token"``: :math:`\rho_{i,t} = \pi_\theta(o_{i,t}) / \pi_{\theta_\mathrm{old}}(o_{i,t})`;
     - ``importance_level="sequence"`` (GSPO): :math:`\rho = s_i`, the length-normalised sequence ratio of
@@ -544,8 +556,9 @@ class GRPOConfig:
                              f"{self.prompts_per_step * self.group_size}")
         if not (isinstance(self.lr, Real) and 0 < self.lr < math.inf):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
+        if self.max_grad_norm is not None:
+            check.positive_real("max_grad_norm", self.max_grad_norm)
+        check.flag("leave_one_out", self.leave_one_out)
         _check_choice(self.aggregation, "aggregation", AGGREGATIONS)
         _check_choice(self.importance_level, "importance_level", IMPORTANCE_LEVELS)
         _check_choice(self.scale, "scale", SCALINGS)
@@ -556,8 +569,7 @@ class GRPOConfig:
         _check_nonneg(self.eps, "eps")
         if isinstance(self.extra_tokens, bool) or not isinstance(self.extra_tokens, int) or self.extra_tokens < 0:
             raise ValueError(f"extra_tokens must be an int >= 0, got {self.extra_tokens!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        check.positive_real("temperature", self.temperature)
 
 
 @dataclass
@@ -690,7 +702,9 @@ def train_grpo(model: nn.Module, task, config: GRPOConfig = GRPOConfig(), *, ref
                 loss.backward()
                 if cfg.max_grad_norm is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                check.finite_update(step, loss, model)
                 opt.step()
+                check.finite_parameters(step, model)
                 clip_fracs.append(stats.clip_fraction)
         history.clip_fraction.append(sum(clip_fracs) / len(clip_fracs))
     history.seconds = time.process_time() - start

@@ -11,7 +11,10 @@ for a batch of reward sequences:
   the discounted objective), or from step ``t`` (:math:`G_t`);
 - :func:`episode_returns` -- the total discounted return of the episode, repeated at every one of its steps;
 - :func:`episode_steps` and :func:`discount_powers` -- the index of each step within its episode and
-  :math:`\gamma` raised to it.
+  :math:`\gamma` raised to it;
+- :func:`gae` -- generalised advantage estimation (chapter 7), by a loop or a parallel scan;
+- :func:`batch_mean_baseline`, :func:`leave_one_out_baseline` -- means over a batch of samples, the baselines of
+  chapter 6 (§6.2) that GRPO's group advantages (chapter 13) reuse.
 
 Conventions. Tensors are time-last: ``rewards`` has shape ``[..., T]`` with any number of leading (batch)
 dims. Episode boundaries are explicit: ``dones[..., t]`` is True when the episode ended at step ``t``, so
@@ -33,18 +36,28 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from rl4llm import _validate as check
+
 __all__ = [
+    "accumulation_dtype",
+    "as_bool",
+    "batch_mean_baseline",
+    "check_dones",
+    "check_gamma",
+    "check_lam",
+    "check_rewards",
     "discount_powers",
     "discounted_returns",
     "episode_returns",
     "episode_steps",
     "gae",
+    "leave_one_out_baseline",
     "reward_to_go",
 ]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Validation helpers (shared with rl4llm.pg)
+# Validation helpers (shared with the policy-gradient modules)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -157,6 +170,8 @@ def discount_powers(gamma, steps: Tensor, *, dtype: torch.dtype = torch.float32)
         Tensor shaped like ``steps`` with entries :math:`\gamma^{k}`, on ``steps``' device.
     """
     gamma = check_gamma(gamma)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype (gamma ** k is not an integer), got {dtype!r}")
     if not isinstance(steps, Tensor) or steps.dtype == torch.bool or not _is_integer(steps.dtype):
         raise ValueError("steps must be an integer tensor")
     if (steps < 0).any():
@@ -497,6 +512,23 @@ def _gae_scan(deltas: Tensor, decay: Tensor, *, overwrite: bool = False) -> Tens
     return d_src
 
 
+def _gae_scan_differentiable(deltas: Tensor, decay: Tensor) -> Tensor:
+    """The scan of :func:`_gae_scan` written without ``out=`` buffers, so that autograd can differentiate it.
+
+    Used when the inputs require a gradient (a critic's values inside the graph); the same steps, in the same
+    order, as the buffered scan: ``A_t <- A_t + c_t A_{t+k}``, ``c_t <- c_t c_{t+k}`` for ``k = 1, 2, 4, ...``.
+    """
+    T = deltas.shape[-1]
+    d, c, k = deltas, decay, 1
+    while k < T:
+        n = T - k
+        d = torch.cat([torch.addcmul(d[..., :n], c[..., :n], d[..., k:]), d[..., n:]], dim=-1)
+        if 2 * k < T:
+            c = torch.cat([c[..., :n] * c[..., k:], c[..., n:]], dim=-1)
+        k *= 2
+    return d
+
+
 def _auto_method(shape: torch.Size, device: torch.device) -> str:
     """The method ``"auto"`` picks for ``[..., T]`` inputs on ``device``.
 
@@ -570,8 +602,72 @@ def gae(rewards: Tensor, values: Tensor, next_values: Tensor | None = None, *, g
         method = "delta" if glam == 0.0 else _auto_method(deltas.shape, deltas.device)
     if method == "delta":
         out = deltas
+    elif method == "scan" and torch.is_grad_enabled() and (deltas.requires_grad or decay.requires_grad):
+        out = _gae_scan_differentiable(deltas, decay)    # values with requires_grad: no out= buffers
     elif method == "scan":
         out = _gae_scan(deltas, decay, overwrite=True)  # both are temporaries of this call
     else:
         out = _gae_loop(deltas, decay)
     return out.to(torch.promote_types(rewards.dtype, values.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batch means: the batch-mean and leave-one-out baselines (chapter 6)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def batch_mean_baseline(returns: Tensor, dim: int = 0, *, mask: Tensor | None = None) -> Tensor:
+    """The mean of ``returns`` along ``dim``, *including* each sample, broadcast back to ``returns``' shape.
+
+    This is the baseline of GRPO-style group normalisation (chapter 6, §6.2; chapter 13). It is not independent
+    of the sample it is subtracted from: since :math:`R_i - \\bar R = \\frac{N-1}{N}(R_i - \\bar R_{-i})`, the
+    estimate with this baseline is exactly :math:`\\frac{N-1}{N}` times the one with the leave-one-out mean
+    (:func:`leave_one_out_baseline`), so its expectation is :math:`\\frac{N-1}{N} \\nabla_\\theta J`.
+
+    Args:
+        returns: floating-point tensor, finite, with at least one dim.
+        dim: the batch dim to average over.
+        mask: optional bool (or 0/1) tensor of ``returns``' shape; only True entries are averaged. Where a
+            slice has no True entry the baseline is 0.
+
+    Returns:
+        Tensor of ``returns``' shape and dtype.
+    """
+    returns = check.float_tensor(returns, "returns")
+    dim = check.batch_dim(dim, returns, "returns")
+    mask = check.mask_or_all(mask, returns, "returns")
+    acc = check.accumulation_dtype(returns)              # bf16/fp16 sums in float32
+    v = torch.where(mask, returns.to(acc), torch.zeros((), dtype=acc, device=returns.device))
+    count = mask.to(acc).sum(dim, keepdim=True)
+    mean = check.safe_ratio(v.sum(dim, keepdim=True), count, torch.zeros_like(count))
+    return mean.expand_as(returns).to(returns.dtype)
+
+
+def leave_one_out_baseline(returns: Tensor, dim: int = 0, *, mask: Tensor | None = None) -> Tensor:
+    """For each sample, the mean of ``returns`` over the *other* samples along ``dim``.
+
+    :math:`\\bar R_{-i} = \\frac{1}{N-1} \\sum_{j \\ne i} R_j`. For i.i.d. samples it is independent of sample
+    ``i``, so subtracting it leaves the gradient estimate unbiased (the "RLOO" baseline). With ``mask`` only
+    True entries count, and where no *other* entry of a slice is True the baseline is 0 (per-step means over
+    episodes of different lengths; chapter 6, §6.2).
+
+    Args:
+        returns: floating-point tensor, finite; its size along ``dim`` (the batch size) must be at least 2.
+        dim: the batch dim.
+        mask: optional bool (or 0/1) tensor of ``returns``' shape, True at real entries.
+
+    Returns:
+        Tensor of ``returns``' shape and dtype.
+    """
+    returns = check.float_tensor(returns, "returns")
+    dim = check.batch_dim(dim, returns, "returns")
+    if returns.shape[dim] < 2:
+        raise ValueError(f"returns must have at least 2 samples along dim {dim} for a leave-one-out mean, "
+                         f"got shape {list(returns.shape)}")
+    mask = check.mask_or_all(mask, returns, "returns")
+    acc = check.accumulation_dtype(returns)              # bf16/fp16 sums in float32
+    v = torch.where(mask, returns.to(acc), torch.zeros((), dtype=acc, device=returns.device))
+    others = check.others_sum(v, dim)                    # no "total minus own": it cancels when one R_j dominates
+    others_count = check.others_sum(mask.to(acc), dim)
+    return check.safe_ratio(others, others_count, torch.zeros_like(others)).to(returns.dtype)
+

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rl4llm.lm import _check_ids, _check_mask, sample, token_logprobs
+from rl4llm import _validate as check
+from rl4llm.lm import sample, token_logprobs
 
 __all__ = [
     "CharTokenizer",
@@ -129,10 +130,10 @@ class CharTokenizer:
 
     def decode_batch(self, ids: Tensor, mask: Tensor | None = None) -> list[str]:
         """Decode each row of ``ids [B, T]``, keeping only positions where ``mask [B, T]`` is 1 (if given)."""
-        _check_ids("ids", ids, vocab_size=self.vocab_size)
+        check.ids("ids", ids, vocab_size=self.vocab_size)
         if mask is None:
             mask = torch.ones_like(ids)
-        keep = _check_mask("mask", mask, ids.shape, "[B, T]")
+        keep = check.token_mask("mask", mask, ids.shape, "[B, T]")
         ids, keep = ids.cpu(), keep.cpu()
         return [self.decode(row[k]) for row, k in zip(ids, keep, strict=True)]
 
@@ -266,12 +267,12 @@ class Task(ABC):
                 that is not a prompt of this task.
         """
         V = self.tokenizer.vocab_size
-        _check_ids("prompt_ids", prompt_ids, vocab_size=V, shape="[B, P]")
-        _check_ids("completion_tokens", completion_tokens, vocab_size=V, shape="[B, L]")
+        check.ids("prompt_ids", prompt_ids, vocab_size=V, shape="[B, P]")
+        check.ids("completion_tokens", completion_tokens, vocab_size=V, shape="[B, L]")
         if completion_tokens.shape[0] != prompt_ids.shape[0]:
             raise ValueError(f"completion_tokens must be [B, L] with B = {prompt_ids.shape[0]}, "
                              f"got {tuple(completion_tokens.shape)}")
-        keep = _check_mask("completion_mask", completion_mask, completion_tokens.shape, "[B, L]")
+        keep = check.token_mask("completion_mask", completion_mask, completion_tokens.shape, "[B, L]")
         prompts = self.decode_prompts(prompt_ids)
         tokens, keep = completion_tokens.cpu(), keep.cpu()
         r = [float(row[k].tolist() == self.tokenizer.encode(self.answer(p), eos=True))
@@ -296,7 +297,7 @@ class AdditionTask(Task):
     """
 
     name = "addition"
-    _pattern = re.compile(r"(\d+)\+(\d+)=")
+    _pattern = re.compile(r"([0-9]+)\+([0-9]+)=")  # ASCII digits only, not Unicode \d
 
     def _draw(self, n, generator):
         a, b = _digits(n, self.n_digits, generator), _digits(n, self.n_digits, generator)
@@ -323,7 +324,7 @@ class CopyTask(Task):
         return [f"{self._tag}{s}=" for s in _digits(n, self.n_digits, generator)]
 
     def _operand(self, prompt: str) -> str:
-        m = re.fullmatch(rf"{self._tag}(\d{{{self.n_digits}}})=", prompt)
+        m = re.fullmatch(rf"{self._tag}([0-9]{{{self.n_digits}}})=", prompt)
         if m is None:
             raise ValueError(f"prompt {prompt!r} is not a {self.name} prompt of {self.n_digits} digits")
         return m.group(1)
@@ -412,8 +413,7 @@ def supervised_warmstart(model: nn.Module, task: Task, *, steps: int, batch_size
                         ("eval_n", eval_n)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
+    lr = check.positive_real("lr", lr)
     if stop_at_accuracy is not None and not 0 < stop_at_accuracy <= 1:
         raise ValueError(f"stop_at_accuracy must be in (0, 1] or None, got {stop_at_accuracy!r}")
     device = torch.device(device) if device is not None else _model_device(model)
@@ -430,7 +430,9 @@ def supervised_warmstart(model: nn.Module, task: Task, *, steps: int, batch_size
         loss = -(logp.sum() / mask.sum())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        check.finite_update(step, loss, model)
         opt.step()
+        check.finite_parameters(step, model)
         history.loss.append(loss.item())
         if stop_at_accuracy is not None and step % eval_every == 0:
             acc = accuracy(model, task, n=eval_n, seed=seed + 1, split="train", device=device)
@@ -523,14 +525,14 @@ def preference_pairs(reward_fn: RewardFn, prompts: Tensor, first: Tensor, first_
     Raises:
         ValueError: shapes that do not match ``[B, P]`` / ``[B, L]``, an empty response, a negative ``scale``.
     """
-    _check_ids("prompts", prompts, shape="[B, P]")
+    check.ids("prompts", prompts, shape="[B, P]")
     B = prompts.shape[0]
     masks = []
     for name, ids, mask in (("first", first, first_mask), ("second", second, second_mask)):
-        _check_ids(name, ids, shape="[B, L]")
+        check.ids(name, ids, shape="[B, L]")
         if ids.shape != first.shape or ids.shape[0] != B:
             raise ValueError(f"{name} must be [B, L] = ({B}, {first.shape[1]}), got {tuple(ids.shape)}")
-        keep = _check_mask(f"{name}_mask", mask, ids.shape, "[B, L]")
+        keep = check.token_mask(f"{name}_mask", mask, ids.shape, "[B, L]")
         if not keep.any(dim=1).all():
             raise ValueError(f"{name}_mask [B, L] has an all-zero row; every response needs a token")
         masks.append(keep.float())
@@ -540,6 +542,8 @@ def preference_pairs(reward_fn: RewardFn, prompts: Tensor, first: Tensor, first_
     r2 = reward_fn(prompts, second, masks[1]).float()
     if r1.shape != (B,) or r2.shape != (B,):
         raise ValueError(f"reward_fn must return [B] = ({B},), got {tuple(r1.shape)} and {tuple(r2.shape)}")
+    if not bool(torch.isfinite(r1).all() and torch.isfinite(r2).all()):
+        raise ValueError("reward_fn returned NaN or infinite rewards; a preference between them is undefined")
     p1 = torch.sigmoid(scale * (r1 - r2))
     u = torch.rand(B, generator=generator, device=generator.device if generator is not None else "cpu")
     win = u.to(p1.device) < p1  # [B] first response preferred
