@@ -23,6 +23,7 @@ Tier 1, networks, environments and pure math:
 
 Tier 2, one algorithm per module (pure functions first, its training loop last):
 
+- :mod:`rl4llm.td`      -- TD, n-step and lambda targets, tabular MC/TD, batch TD, exact linear-TD fixed points (ch. 3).
 - :mod:`rl4llm.pg`      -- REINFORCE gradient weights, the surrogate, a training loop (chapter 5).
 - :mod:`rl4llm.baselines` -- control variates, the optimal baseline, exact moments, learned baselines (chapter 6).
 - :mod:`rl4llm.actor_critic` -- synchronous n-step A2C with GAE on vectorised gymnasium environments (chapter 7).
@@ -48,7 +49,7 @@ __version__ = "0.1.0"
 SUBMODULES = (
     "device", "checks",
     "nets", "envs", "returns", "kl", "surrogate", "mdp", "dp", "token_mdp", "lm",
-    "pg", "baselines", "actor_critic", "ppo", "trpo", "tasks", "reward_model", "rlhf", "dpo", "grpo",
+    "td", "pg", "baselines", "actor_critic", "ppo", "trpo", "tasks", "reward_model", "rlhf", "dpo", "grpo",
 )
 """The public modules, tier by tier, each in the order its tier allows imports."""
 
