@@ -171,6 +171,13 @@ class TabularMDP:
     re-validated copy (for example ``replace(mdp, horizon=10)``). Equality is identity: tensors have no
     single truth value to compare by.
 
+    ``gamma = 1`` (episodic problems, the token MDP of a language model) is handled by a finite horizon:
+    give the episode an absorbing, zero-reward terminal state and ``horizon = T``, where ``T`` bounds the
+    episode length (exact: nothing happens after termination) or is the time limit of the task. Values
+    then come from backward induction (:func:`evaluate_policy`, :func:`rl4llm.dp.backward_induction`).
+    An infinite horizon with ``gamma = 1`` is refused because the linear solve and the contraction
+    arguments need ``gamma < 1``.
+
     Attributes:
         P: ``[S, A, S]`` transition probabilities; every ``P[s, a, :]`` sums to 1.
         R: ``[S, A]`` reward for taking ``a`` in ``s`` (deterministic).
@@ -218,8 +225,10 @@ class TabularMDP:
         gamma = check_gamma(self.gamma)
         horizon = _check_horizon(self.horizon)
         if horizon is None and gamma >= 1.0:
-            raise ValueError("gamma must be < 1 when horizon is None "
-                             "(infinite-horizon returns would diverge)")
+            raise ValueError("gamma must be < 1 when horizon is None (infinite-horizon returns would "
+                             "diverge); for an episodic problem with gamma = 1, add an absorbing zero-reward "
+                             "terminal state and set horizon = T, a bound on the episode length or the time "
+                             "limit, and solve by backward induction (see rl4llm.dp)")
         object.__setattr__(self, "gamma", gamma)
         object.__setattr__(self, "horizon", horizon)
 
