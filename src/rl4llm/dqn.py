@@ -23,18 +23,25 @@ environment's termination flag only (a time-limit truncation bootstraps); tabula
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from numbers import Real
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rl4llm.envs import ReplayBuffer, check_env
+from rl4llm.nets import QNet
+
 __all__ = [
     "dqn_targets", "q_regression_loss", "dueling", "epsilon_greedy_probs", "linear_epsilon",
     "TABULAR_METHODS", "TabularHistory", "tabular_control", "synchronous_q_learning",
+    "greedy_return", "DQNConfig", "DQNHistory", "dqn",
 ]
 
 TABULAR_METHODS = ("q_learning", "sarsa", "expected_sarsa", "double_q_learning")
@@ -230,9 +237,12 @@ class TabularHistory:
     first_actions: Tensor
 
 
-def _greedy_probs_np(q: np.ndarray, epsilon: float) -> np.ndarray:
-    best = (q == q.max(axis=-1, keepdims=True)).astype(q.dtype)
-    return epsilon / q.shape[-1] + (1.0 - epsilon) * best / best.sum(axis=-1, keepdims=True)
+def _greedy_probs_np(q: np.ndarray, epsilon: float, legal: np.ndarray) -> np.ndarray:
+    """ε-greedy over the legal actions of each row (``legal`` ``[N, A]`` bool), ties sharing the greedy mass."""
+    qm = np.where(legal, q, -np.inf)
+    best = (qm == qm.max(axis=-1, keepdims=True)).astype(q.dtype)
+    n_legal = legal.sum(axis=-1, keepdims=True)
+    return epsilon * legal / n_legal + (1.0 - epsilon) * best / best.sum(axis=-1, keepdims=True)
 
 
 def _sample_np(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -241,7 +251,7 @@ def _sample_np(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), probs.shape[-1] - 1)
 
 
-def _check_tabular(mdp, terminal, reward_std):
+def _check_tabular(mdp, terminal, reward_std, legal):
     P, R = mdp.P, mdp.R
     S, A = R.shape
     if terminal is None:
@@ -255,12 +265,18 @@ def _check_tabular(mdp, terminal, reward_std):
         reward_std = _float_tensor(reward_std, "reward_std")
         if tuple(reward_std.shape) != (S, A) or not bool((reward_std >= 0).all()):
             raise ValueError(f"reward_std must be a non-negative tensor of shape [S, A] = {[S, A]}")
-    return terminal, reward_std
+    if legal is None:
+        legal = torch.ones(S, A, dtype=torch.bool)
+    if not isinstance(legal, Tensor) or legal.dtype != torch.bool or tuple(legal.shape) != (S, A):
+        raise ValueError(f"legal must be a bool tensor of shape [S, A] = {[S, A]}")
+    if not bool(legal.any(dim=1).all()):
+        raise ValueError("legal must allow at least one action in every state")
+    return terminal, reward_std, legal
 
 
 def tabular_control(mdp, method: str, *, episodes: int, alpha: float = 0.5, epsilon: float = 0.1,
                     runs: int = 1, terminal: Tensor | None = None, reward_std: Tensor | None = None,
-                    max_steps: int = 1_000_000, seed: int = 0) -> TabularHistory:
+                    legal: Tensor | None = None, max_steps: int = 1_000_000, seed: int = 0) -> TabularHistory:
     r"""Run ``runs`` independent learners of ``method`` on an episodic tabular MDP, all at once.
 
     Each run starts an episode in a state drawn from ``mdp.p0``, acts ε-greedily with respect to its current
@@ -290,6 +306,8 @@ def tabular_control(mdp, method: str, *, episodes: int, alpha: float = 0.5, epsi
         terminal: ``[S]`` bool; default: the absorbing states with zero reward (as
             ``rl4llm.dp.from_toy_text`` builds them).
         reward_std: optional ``[S, A]`` standard deviation of Gaussian noise added to ``R`` at every step.
+        legal: optional ``[S, A]`` bool, the actions available in each state (default: all); the behaviour
+            policy, the max and the expectation range over legal actions only.
         max_steps: a bound on the number of steps of the slowest run; exceeding it raises ``RuntimeError``.
         seed: seed of the numpy generator behind every random draw.
 
@@ -306,12 +324,13 @@ def tabular_control(mdp, method: str, *, episodes: int, alpha: float = 0.5, epsi
     epsilon = _check_unit(epsilon, "epsilon")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    terminal, reward_std = _check_tabular(mdp, terminal, reward_std)
+    terminal, reward_std, legal = _check_tabular(mdp, terminal, reward_std, legal)
     rng = np.random.default_rng(seed)
     P = mdp.P.detach().cpu().double().numpy()
     R = mdp.R.detach().cpu().double().numpy()
     p0 = mdp.p0.detach().cpu().double().numpy()
     term = terminal.cpu().numpy()
+    ok = legal.cpu().numpy()
     noise = None if reward_std is None else reward_std.detach().cpu().double().numpy()
     gamma = mdp.gamma
     S, A = R.shape
@@ -325,7 +344,7 @@ def tabular_control(mdp, method: str, *, episodes: int, alpha: float = 0.5, epsi
     first_actions = np.zeros((runs, episodes), dtype=np.int64)
 
     def behaviour(rows, states):
-        return _sample_np(_greedy_probs_np(Q[:, rows, states].sum(axis=0), epsilon), rng)
+        return _sample_np(_greedy_probs_np(Q[:, rows, states].sum(axis=0), epsilon, ok[states]), rng)
 
     s = _sample_np(np.broadcast_to(p0, (runs, S)), rng)
     a = behaviour(idx, s)
@@ -343,17 +362,17 @@ def tabular_control(mdp, method: str, *, episodes: int, alpha: float = 0.5, epsi
         a_next = behaviour(idx, s_next)
         if method == "double_q_learning":
             upd = (rng.random(runs) < 0.5).astype(np.int64)
-            best = Q[upd, idx, s_next].argmax(axis=1)
+            best = np.where(ok[s_next], Q[upd, idx, s_next], -np.inf).argmax(axis=1)
             next_value = Q[1 - upd, idx, s_next, best]
         else:
             upd = np.zeros(runs, dtype=np.int64)
             q_next = Q[0, idx, s_next]
             if method == "q_learning":
-                next_value = q_next.max(axis=1)
+                next_value = np.where(ok[s_next], q_next, -np.inf).max(axis=1)
             elif method == "sarsa":
                 next_value = q_next[idx, a_next]
             else:
-                next_value = (_greedy_probs_np(q_next, epsilon) * q_next).sum(axis=1)
+                next_value = (_greedy_probs_np(q_next, epsilon, ok[s_next]) * q_next).sum(axis=1)
         target = r + gamma * np.where(done, 0.0, next_value)
         current = Q[upd, idx, s, a]
         Q[upd, idx, s, a] = current + alpha * active * (target - current)
@@ -418,3 +437,222 @@ def synchronous_q_learning(mdp, sweeps: int, *, runs: int = 1, step_power: float
         Q = Q + step * (target - Q)
         out.append(Q.clone())
     return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. DQN on a gymnasium environment
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def greedy_return(q: QNet, env_id: str = "CartPole-v1", *, episodes: int = 10, seed: int = 0) -> float:
+    """Mean undiscounted return of the greedy policy :math:`\\arg\\max_a Q(s, a)` over ``episodes`` episodes.
+
+    The episodes run side by side in a vector environment seeded with ``seed`` (sub-environment ``i`` gets
+    ``seed + i``); each counts up to its first end (termination or truncation).
+    """
+    episodes = _positive_int(episodes, "episodes")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    env = gym.make_vec(env_id, num_envs=episodes)
+    try:
+        obs, _ = env.reset(seed=seed)
+        total = np.zeros(episodes)
+        running = np.ones(episodes, dtype=bool)
+        while running.any():
+            actions = q(torch.as_tensor(obs, dtype=torch.float32)).argmax(dim=-1).numpy()
+            obs, r, term, trunc, _ = env.step(actions)
+            total += r * running
+            running &= ~(term | trunc)
+    finally:
+        env.close()
+    return float(total.mean())
+
+
+@dataclass
+class DQNConfig:
+    """Settings of :func:`dqn`; the defaults are chapter 4's CartPole run (rl-zoo's schedule, a [128, 128] net).
+
+    Every ``train_freq`` environment steps (once ``learning_starts`` transitions are stored) a *round* copies the
+    online network into the target network and then takes ``gradient_steps`` Adam steps on minibatches of
+    ``batch_size`` from the replay buffer: the target is frozen for the whole round, so a round is one
+    approximate application of the Bellman optimality operator (chapter 4, section 4.4). Every ``eval_every``
+    steps a greedy evaluation on ``eval_episodes`` episodes (seeds ``eval_seed, ...``) runs, and training stops
+    as soon as its mean reaches ``target_return``. At the end a fresh greedy evaluation on ``final_episodes``
+    episodes with the other seeds ``final_seed, ...`` measures the returned network.
+    """
+
+    env_id: str = "CartPole-v1"
+    total_steps: int = 50_000
+    hidden: tuple[int, ...] = (128, 128)
+    dueling: str | None = None
+    double: bool = False
+    lr: float = 2.3e-3
+    batch_size: int = 64
+    buffer_size: int = 100_000
+    learning_starts: int = 1000
+    gamma: float = 0.99
+    train_freq: int = 256
+    gradient_steps: int = 64
+    eps_start: float = 1.0
+    eps_end: float = 0.04
+    exploration_steps: int = 8000
+    loss: str = "huber"
+    max_grad_norm: float | None = 10.0
+    eval_every: int = 2560
+    eval_episodes: int = 10
+    eval_seed: int = 10_000
+    target_return: float | None = 475.0
+    final_episodes: int = 20
+    final_seed: int = 20_000
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.env_id, str):
+            raise ValueError(f"env_id must be a gymnasium id (str), got {self.env_id!r}")
+        for name in ("total_steps", "batch_size", "buffer_size", "learning_starts", "train_freq", "gradient_steps",
+                     "exploration_steps", "eval_every", "eval_episodes", "final_episodes"):
+            _positive_int(getattr(self, name), name)
+        for name in ("eval_seed", "final_seed", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        hidden = (self.hidden,) if isinstance(self.hidden, int) else tuple(self.hidden)
+        if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+            raise ValueError(f"hidden must be a non-empty sequence of positive ints, got {self.hidden!r}")
+        self.hidden = hidden
+        if self.dueling not in (None, "mean", "max"):
+            raise ValueError(f"dueling must be None, 'mean' or 'max', got {self.dueling!r}")
+        if not isinstance(self.double, bool):
+            raise ValueError(f"double must be a bool, got {self.double!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, Real) or not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        self.gamma = _check_gamma(self.gamma)
+        self.eps_start, self.eps_end = _check_unit(self.eps_start, "eps_start"), _check_unit(self.eps_end, "eps_end")
+        if self.loss not in ("huber", "mse"):
+            raise ValueError(f"loss must be 'huber' or 'mse', got {self.loss!r}")
+        if self.max_grad_norm is not None and (isinstance(self.max_grad_norm, bool)
+                                               or not isinstance(self.max_grad_norm, Real)
+                                               or not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0)):
+            raise ValueError(f"max_grad_norm must be None or a finite number > 0, got {self.max_grad_norm!r}")
+        if self.target_return is not None and (isinstance(self.target_return, bool)
+                                               or not isinstance(self.target_return, Real)
+                                               or not math.isfinite(self.target_return)):
+            raise ValueError(f"target_return must be None or a finite number, got {self.target_return!r}")
+        if self.batch_size > self.learning_starts:
+            raise ValueError(f"batch_size ({self.batch_size}) must be <= learning_starts ({self.learning_starts})")
+
+
+@dataclass
+class DQNHistory:
+    """What :func:`dqn` returns.
+
+    Attributes:
+        q: the trained online network.
+        episode_steps, episode_returns: for every finished training episode, the environment step at which it
+            ended and its return (ε-greedy behaviour).
+        loss_steps, losses: for every round, the environment step and the mean loss of its gradient steps.
+        eval_steps, eval_returns: the greedy evaluations during training.
+        solved_at: the environment step at which the greedy evaluation first reached ``target_return`` (None if
+            it never did).
+        final_return: the fresh greedy evaluation of the returned network on the other seeds.
+        stopped: None, or why training stopped early for a non-finite quantity (step and name).
+        seconds: CPU time of the run (``time.process_time``), evaluations included.
+    """
+
+    q: QNet
+    episode_steps: list[int] = field(default_factory=list)
+    episode_returns: list[float] = field(default_factory=list)
+    loss_steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_returns: list[float] = field(default_factory=list)
+    solved_at: int | None = None
+    final_return: float = math.nan
+    stopped: str | None = None
+    seconds: float = 0.0
+
+
+def dqn(config: DQNConfig | None = None) -> DQNHistory:
+    """DQN (Mnih et al. 2015), or Double DQN with ``config.double``, on one gymnasium environment.
+
+    One environment with explicit resets: at an episode end the transition stored is (s, a, r, the episode's
+    true final observation, ``terminated``), and the next step starts from the reset observation; truncation
+    (CartPole's 500-step limit) is stored with ``terminated=False`` and bootstraps. ε-greedy behaviour with
+    :func:`linear_epsilon`; targets from :func:`dqn_targets`; loss :func:`q_regression_loss`; schedule and
+    stopping rule as in :class:`DQNConfig`. Training stops at the first non-finite loss or parameter, and
+    ``stopped`` says where. Runs on the CPU in float32 (the networks are small; one forward per step).
+    """
+    cfg = DQNConfig() if config is None else config
+    if not isinstance(cfg, DQNConfig):
+        raise TypeError(f"config must be a DQNConfig, got {type(cfg).__name__}")
+    t0 = time.process_time()
+    torch.manual_seed(cfg.seed)
+    env = gym.make(cfg.env_id)
+    obs_dim, n_actions, _ = check_env(gym.vector.SyncVectorEnv([lambda: gym.make(cfg.env_id)]))
+    q = QNet(obs_dim, n_actions, cfg.hidden, dueling=cfg.dueling)
+    target = copy.deepcopy(q).requires_grad_(False)
+    opt = torch.optim.Adam(q.parameters(), lr=cfg.lr)
+    buffer = ReplayBuffer(cfg.buffer_size, obs_dim)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    hist = DQNHistory(q=q)
+    obs, _ = env.reset(seed=cfg.seed)
+    env.action_space.seed(cfg.seed)
+    ep_return = 0.0
+    try:
+        for step in range(1, cfg.total_steps + 1):
+            eps = linear_epsilon(step - 1, start=cfg.eps_start, end=cfg.eps_end, duration=cfg.exploration_steps)
+            if rng.random() < eps:
+                action = int(rng.integers(n_actions))
+            else:
+                with torch.no_grad():
+                    action = int(q(torch.as_tensor(obs, dtype=torch.float32)).argmax())
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            buffer.add(obs[None], [action], [float(reward)], next_obs[None], [bool(terminated)])
+            ep_return += float(reward)
+            if terminated or truncated:
+                hist.episode_steps.append(step)
+                hist.episode_returns.append(ep_return)
+                ep_return = 0.0
+                obs, _ = env.reset()
+            else:
+                obs = next_obs
+            if step >= cfg.learning_starts and step % cfg.train_freq == 0:
+                target.load_state_dict(q.state_dict())
+                total = 0.0
+                for _ in range(cfg.gradient_steps):
+                    b = buffer.sample(cfg.batch_size, generator=gen)
+                    with torch.no_grad():
+                        next_t = target(b.next_obs)
+                        next_o = q(b.next_obs) if cfg.double else None
+                    y = dqn_targets(b.rewards, next_t, b.terminated, cfg.gamma, next_q_online=next_o)
+                    q_taken = q(b.obs).gather(1, b.actions[:, None]).squeeze(1)
+                    loss = q_regression_loss(q_taken, y, loss=cfg.loss)
+                    if not torch.isfinite(loss):
+                        hist.stopped = f"non-finite loss ({loss.item()}) at env step {step}"
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(q.parameters(), cfg.max_grad_norm)
+                    opt.step()
+                    total += loss.item()
+                if hist.stopped is None and not all(bool(torch.isfinite(p).all()) for p in q.parameters()):
+                    hist.stopped = f"non-finite parameter at env step {step}"
+                if hist.stopped is not None:
+                    break
+                hist.loss_steps.append(step)
+                hist.losses.append(total / cfg.gradient_steps)
+            if step >= cfg.learning_starts and step % cfg.eval_every == 0:
+                ret = greedy_return(q, cfg.env_id, episodes=cfg.eval_episodes, seed=cfg.eval_seed)
+                hist.eval_steps.append(step)
+                hist.eval_returns.append(ret)
+                if cfg.target_return is not None and ret >= cfg.target_return:
+                    hist.solved_at = step
+                    break
+    finally:
+        env.close()
+    if hist.stopped is None:
+        hist.final_return = greedy_return(q, cfg.env_id, episodes=cfg.final_episodes, seed=cfg.final_seed)
+    hist.seconds = time.process_time() - t0
+    return hist
