@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from rl4llm import actor_critic as AC
-from rl4llm.baselines import ValueNet
-from rl4llm.pg import PolicyNet
+from rl4llm import envs as EV
+from rl4llm.nets import PolicyNet, ValueNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,11 +19,11 @@ GAMMA, LAM = 0.9, 0.8
 
 
 def collect(mode: str, steps: int = 40, limit: int = 5, num_envs: int = 3):
-    env = AC.make_vector_env("CartPole-v1", num_envs, autoreset=mode, max_episode_steps=limit)
+    env = EV.make_vector_env("CartPole-v1", num_envs, autoreset=mode, max_episode_steps=limit)
     torch.manual_seed(0)
     policy = PolicyNet(4, 2, 8)
     try:
-        collector = AC.RolloutCollector(env, seed=0)
+        collector = EV.RolloutCollector(env, seed=0)
         first = collector.collect(policy, steps // 2, generator=torch.Generator().manual_seed(0))
         second = collector.collect(policy, steps - steps // 2, generator=torch.Generator().manual_seed(1))
     finally:
@@ -31,7 +31,7 @@ def collect(mode: str, steps: int = 40, limit: int = 5, num_envs: int = 3):
     return first, second
 
 
-@pytest.mark.parametrize("mode", AC.AUTORESET_MODES)
+@pytest.mark.parametrize("mode", EV.AUTORESET_MODES)
 def test_rollout_records_the_observation_that_followed_each_step(mode):
     (r1, ep1), (r2, ep2) = collect(mode)
     for r in (r1, r2):
@@ -71,7 +71,7 @@ def hand_rollout():
     next_obs[0, :, 0] = torch.tensor([2.0, 99.0, 4.0, 5.0, 50.0, 7.0])     # 99: terminal obs, 50: final obs of the cut
     terminated = torch.tensor([[False, True, False, False, False, False]])
     truncated = torch.tensor([[False, False, False, False, True, False]])
-    return AC.Rollout(obs=obs, actions=torch.zeros(1, T, dtype=torch.long), rewards=torch.ones(1, T),
+    return EV.Rollout(obs=obs, actions=torch.zeros(1, T, dtype=torch.long), rewards=torch.ones(1, T),
                       terminated=terminated, truncated=truncated, next_obs=next_obs,
                       mask=torch.ones(1, T, dtype=torch.bool))
 
@@ -131,20 +131,20 @@ def test_short_run_improves_and_is_deterministic():
 
 def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="autoreset"):
-        AC.make_vector_env("CartPole-v1", 2, autoreset="never")
+        EV.make_vector_env("CartPole-v1", 2, autoreset="never")
     with pytest.raises(ValueError, match="num_envs"):
-        AC.make_vector_env("CartPole-v1", 0)
+        EV.make_vector_env("CartPole-v1", 0)
     with pytest.raises(ValueError, match="env_id"):
-        AC.make_vector_env(3)
+        EV.make_vector_env(3)
     with pytest.raises(ValueError, match="VectorEnv"):
-        AC.RolloutCollector(gym.make("CartPole-v1"))
+        EV.RolloutCollector(gym.make("CartPole-v1"))
     env = gym.make_vec("CartPole-v1", 2, vectorization_mode="sync",
                        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.DISABLED})
     with pytest.raises(ValueError, match="autoreset"):
-        AC.RolloutCollector(env)
+        EV.RolloutCollector(env)
     env.close()
-    env = AC.make_vector_env("CartPole-v1", 2)
-    collector = AC.RolloutCollector(env, seed=0)
+    env = EV.make_vector_env("CartPole-v1", 2)
+    collector = EV.RolloutCollector(env, seed=0)
     with pytest.raises(ValueError, match="policy maps"):
         collector.collect(PolicyNet(3, 2), 4)
     with pytest.raises(ValueError, match="steps"):

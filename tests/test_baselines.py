@@ -13,8 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rl4llm import baselines as BL
+from rl4llm import envs as EV
 from rl4llm import mdp as M
+from rl4llm import nets as NT
 from rl4llm import pg
+from rl4llm import returns as RT
 from rl4llm.returns import discounted_returns
 
 F64 = torch.float64
@@ -32,22 +35,22 @@ def randn(*shape, seed=0):
 
 def test_batch_means_against_loops():
     R = randn(5, 3)
-    loo = BL.leave_one_out_baseline(R, 0)
-    full = BL.batch_mean_baseline(R, 0)
+    loo = RT.leave_one_out_baseline(R, 0)
+    full = RT.batch_mean_baseline(R, 0)
     for i in range(5):
         others = [R[j] for j in range(5) if j != i]
         assert torch.allclose(loo[i], torch.stack(others).mean(0), rtol=1e-12, atol=1e-12)
         assert torch.allclose(full[i], R.mean(0), rtol=1e-12, atol=1e-12)
-    assert torch.allclose(BL.leave_one_out_baseline(R, 1), BL.leave_one_out_baseline(R.T, 0).T)
-    assert torch.allclose(BL.leave_one_out_baseline(R, -1), BL.leave_one_out_baseline(R, 1))
+    assert torch.allclose(RT.leave_one_out_baseline(R, 1), RT.leave_one_out_baseline(R.T, 0).T)
+    assert torch.allclose(RT.leave_one_out_baseline(R, -1), RT.leave_one_out_baseline(R, 1))
 
 
 @PROPERTY
 @given(n=st.integers(2, 9), m=st.integers(1, 4), seed=st.integers(0, 10_000))
 def test_property_full_mean_is_a_rescaled_leave_one_out(n, m, seed):
     R = randn(n, m, seed=seed)
-    lhs = R - BL.batch_mean_baseline(R, 0)
-    rhs = (n - 1) / n * (R - BL.leave_one_out_baseline(R, 0))
+    lhs = R - RT.batch_mean_baseline(R, 0)
+    rhs = (n - 1) / n * (R - RT.leave_one_out_baseline(R, 0))
     assert torch.allclose(lhs, rhs, rtol=1e-10, atol=1e-10)
 
 
@@ -58,7 +61,7 @@ def test_property_leave_one_out_does_not_see_its_own_sample(n, i, seed, bump):
     R = randn(n, 3, seed=seed)
     R2 = R.clone()
     R2[i] += bump
-    assert torch.allclose(BL.leave_one_out_baseline(R, 0)[i], BL.leave_one_out_baseline(R2, 0)[i],
+    assert torch.allclose(RT.leave_one_out_baseline(R, 0)[i], RT.leave_one_out_baseline(R2, 0)[i],
                           rtol=1e-9, atol=1e-9)
 
 
@@ -68,30 +71,30 @@ def test_masked_leave_one_out_and_full_mean():
     mask[0, 0] = True
     mask[:, -1] = False
     mask[3, -1] = True                                       # a step only one row reaches: baseline 0 there
-    ours = BL.leave_one_out_baseline(rewards, 0, mask=mask)
+    ours = RT.leave_one_out_baseline(rewards, 0, mask=mask)
     assert ours[3, -1] == 0
-    full = BL.batch_mean_baseline(rewards, 0, mask=mask.long())
+    full = RT.batch_mean_baseline(rewards, 0, mask=mask.long())
     col = rewards[:, 2][mask[:, 2]]
     assert torch.allclose(full[:, 2], col.mean().expand(6))
 
 
 def test_batch_mean_baselines_reject_bad_input():
     with pytest.raises(ValueError, match="at least 2 samples"):
-        BL.leave_one_out_baseline(torch.ones(1, 4), 0)
+        RT.leave_one_out_baseline(torch.ones(1, 4), 0)
     with pytest.raises(ValueError, match="returns contain NaN"):
-        BL.leave_one_out_baseline(torch.tensor([1.0, float("nan")]))
+        RT.leave_one_out_baseline(torch.tensor([1.0, float("nan")]))
     with pytest.raises(ValueError, match="returns contain NaN"):
-        BL.batch_mean_baseline(torch.tensor([1.0, float("inf")]))
+        RT.batch_mean_baseline(torch.tensor([1.0, float("inf")]))
     with pytest.raises(ValueError, match="returns must be a floating-point"):
-        BL.batch_mean_baseline(torch.ones(3, dtype=torch.long))
+        RT.batch_mean_baseline(torch.ones(3, dtype=torch.long))
     with pytest.raises(ValueError, match="returns must be a torch.Tensor"):
-        BL.batch_mean_baseline([1.0, 2.0])
+        RT.batch_mean_baseline([1.0, 2.0])
     with pytest.raises(ValueError, match="dim must be"):
-        BL.leave_one_out_baseline(torch.ones(3, 2), 2)
+        RT.leave_one_out_baseline(torch.ones(3, 2), 2)
     with pytest.raises(ValueError, match="mask must be a tensor of returns' shape"):
-        BL.leave_one_out_baseline(torch.ones(3, 2), 0, mask=torch.ones(3, dtype=torch.bool))
+        RT.leave_one_out_baseline(torch.ones(3, 2), 0, mask=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask must be a bool"):
-        BL.leave_one_out_baseline(torch.ones(3, 2), 0, mask=torch.full((3, 2), 2.0))
+        RT.leave_one_out_baseline(torch.ones(3, 2), 0, mask=torch.full((3, 2), 2.0))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,14 +192,14 @@ def test_leave_one_out_batch_variance_matches_enumeration_of_all_batches(N):
     mdp, logits, traj, X, Y, G = enumerated_terms(seed=N)
     idx = torch.cartesian_prod(*[torch.arange(traj.n)] * N)
     prob = traj.prob[idx].prod(1)
-    base = BL.leave_one_out_baseline(G[idx], 1)
+    base = RT.leave_one_out_baseline(G[idx], 1)
     batch = (X[idx] - (base[..., None] * Y[idx]).sum(2)).mean(1)
     mean, var = BL.weighted_mean_var(batch, prob)
     logits = logits.clone().requires_grad_()
     (grad,) = torch.autograd.grad(M.objective(mdp, logits), logits)
     assert torch.allclose(mean, grad.flatten(), rtol=1e-10, atol=1e-10)
     assert torch.allclose(var, BL.leave_one_out_batch_variance(traj.prob, X, Y, G, N), rtol=1e-10, atol=1e-12)
-    full = BL.batch_mean_baseline(G[idx], 1)
+    full = RT.batch_mean_baseline(G[idx], 1)
     mean_full, _ = BL.weighted_mean_var((X[idx] - (full[..., None] * Y[idx]).sum(2)).mean(1), prob)
     assert torch.allclose(mean_full, (N - 1) / N * grad.flatten(), rtol=1e-10, atol=1e-10)
 
@@ -235,7 +238,7 @@ def test_leave_one_out_batch_variance_rejects_bad_input():
 
 def test_value_net_starts_at_zero_and_fits_a_target():
     torch.manual_seed(0)
-    v = BL.ValueNet(3, 16, scale=10.0, dtype=F64)
+    v = NT.ValueNet(3, 16, scale=10.0, dtype=F64)
     obs = randn(40, 3, seed=11)
     assert torch.equal(v(obs), torch.zeros(40, dtype=F64))
     target = 10 * obs[:, 0] + 5
@@ -248,7 +251,7 @@ def test_value_net_starts_at_zero_and_fits_a_target():
     with pytest.raises(ValueError, match="obs must be a tensor of shape"):
         v(torch.ones(2, 4, dtype=F64))
     with pytest.raises(ValueError, match="scale must be"):
-        BL.ValueNet(3, scale=0.0)
+        NT.ValueNet(3, scale=0.0)
     with pytest.raises(ValueError, match="obs must have shape"):
         BL.fit_value(v, torch.optim.SGD(v.parameters(), lr=0.1), obs[:3], target, mask)
     with pytest.raises(ValueError, match="targets contain NaN"):
@@ -260,7 +263,7 @@ def test_value_net_starts_at_zero_and_fits_a_target():
 @pytest.mark.parametrize("hidden", [(), 8, (6, 5)])
 def test_per_step_scores_match_autograd(hidden):
     torch.manual_seed(1)
-    policy = pg.PolicyNet(4, 3, hidden, dtype=F64)
+    policy = NT.PolicyNet(4, 3, hidden, dtype=F64)
     obs = randn(2, 5, 4, seed=12)
     actions = torch.randint(0, 3, (2, 5), generator=torch.Generator().manual_seed(13))
     scores = BL.per_step_scores(policy, obs, actions)
@@ -272,7 +275,7 @@ def test_per_step_scores_match_autograd(hidden):
 
 
 def test_per_step_scores_reject_bad_input():
-    policy = pg.PolicyNet(4, 2, 8)
+    policy = NT.PolicyNet(4, 2, 8)
     with pytest.raises(ValueError, match="obs must be a tensor of shape"):
         BL.per_step_scores(policy, torch.ones(3, 5), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="actions must be an integer tensor"):
@@ -299,9 +302,9 @@ def test_reinforce_with_baseline_is_deterministic_and_records_all_variances():
 
 def test_gradient_from_scores_equals_the_surrogate_gradient():
     torch.manual_seed(0)
-    policy = pg.PolicyNet(4, 2, 16, dtype=F64)
+    policy = NT.PolicyNet(4, 2, 16, dtype=F64)
     env = gym.make_vec("CartPole-v1", num_envs=4)
-    batch = pg.collect_episodes(env, policy, generator=torch.Generator().manual_seed(0), seed=0)
+    batch = EV.collect_episodes(env, policy, generator=torch.Generator().manual_seed(0), seed=0)
     env.close()
     psi = pg.pg_weights(batch.rewards, 0.99, dones=batch.dones)
     surrogate = pg.reinforce_surrogate(policy.log_prob(batch.obs, batch.actions), psi, batch.mask)

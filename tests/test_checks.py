@@ -34,3 +34,17 @@ def test_assert_nonzero():
     assert assert_nonzero(x - y) == x - y
     with pytest.raises(AssertionError, match="simplifies to 0"):
         assert_nonzero(sp.sin(x) ** 2 + sp.cos(x) ** 2 - 1)
+
+
+def test_log_simplify_proves_log_identities_that_simplify_needs_help_with_and_rejects_a_wrong_one():
+    from rl4llm.checks import log_simplify
+
+    a, b, c = sp.symbols("a b c", positive=True)
+    kl = a / (a + b) * sp.log((a / (a + b)) / (c / (b + c)))
+    split = a / (a + b) * (sp.log(a) - sp.log(a + b) - sp.log(c) + sp.log(b + c))
+    assert log_simplify(kl - split) == 0
+    assert_identity(kl, split, simplify=log_simplify)
+    wrong = a / (a + b) * (sp.log(a) - sp.log(a + b) - sp.log(c) - sp.log(b + c))    # one sign flipped
+    assert log_simplify(kl - wrong) != 0
+    with pytest.raises(AssertionError):
+        assert_identity(kl, wrong, simplify=log_simplify)

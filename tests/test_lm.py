@@ -339,3 +339,12 @@ def test_frozen_copy():
     torch.testing.assert_close(ref(ids), before)
     with pytest.raises(ValueError, match="Module"):
         frozen_copy(lambda ids: ids)
+
+
+def test_features_are_what_forward_reads_bit_for_bit():
+    torch.manual_seed(0)
+    model = TinyLM(TinyLMConfig(vocab_size=11, max_len=12)).eval()
+    ids = torch.randint(0, 11, (3, 7))
+    feats = model.features(ids)
+    assert feats.shape == (3, 7, model.config.d_model)
+    assert torch.equal(model.lm_head(feats), model(ids))

@@ -15,15 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rl4llm import pg
-from rl4llm.baselines import leave_one_out_baseline
-from rl4llm.pg import (
-    PolicyNet,
-    collect_episodes,
-    evaluate,
-    pg_weights,
-    reinforce,
-    reinforce_surrogate,
-)
+from rl4llm.envs import collect_episodes, evaluate
+from rl4llm.nets import PolicyNet
+from rl4llm.pg import pg_weights, reinforce, reinforce_surrogate
+from rl4llm.returns import leave_one_out_baseline
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 

@@ -8,13 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rl4llm.returns import (
-    discount_powers,
-    discounted_returns,
-    episode_returns,
-    episode_steps,
-    reward_to_go,
-)
+from rl4llm.returns import discount_powers, discounted_returns, episode_returns, episode_steps, reward_to_go
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 

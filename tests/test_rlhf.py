@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rl4llm import reward_model as RM
 from rl4llm import rlhf
 from rl4llm.lm import TinyLMConfig, frozen_copy, sample
 
@@ -25,15 +26,15 @@ def test_bt_loss_matches_naive_formula():
     g = torch.Generator().manual_seed(0)
     c, r = torch.randn(100, generator=g, dtype=torch.float64), torch.randn(100, generator=g, dtype=torch.float64)
     naive = -torch.log(1 / (1 + torch.exp(-(c - r))))
-    assert torch.allclose(rlhf.bradley_terry_loss(c, r, reduction="none"), naive, rtol=1e-12, atol=0)
-    assert rlhf.bradley_terry_loss(c, r).item() == pytest.approx(naive.mean().item(), rel=1e-12)
-    assert rlhf.bradley_terry_loss(c, r, reduction="sum").item() == pytest.approx(naive.sum().item(), rel=1e-12)
+    assert torch.allclose(RM.bradley_terry_loss(c, r, reduction="none"), naive, rtol=1e-12, atol=0)
+    assert RM.bradley_terry_loss(c, r).item() == pytest.approx(naive.mean().item(), rel=1e-12)
+    assert RM.bradley_terry_loss(c, r, reduction="sum").item() == pytest.approx(naive.sum().item(), rel=1e-12)
 
 
 def test_bt_loss_large_differences_are_finite_and_right():
     c = torch.tensor([1e4, -1e4, 0.0], requires_grad=True)
     r = torch.zeros(3)
-    loss = rlhf.bradley_terry_loss(c, r, reduction="none")
+    loss = RM.bradley_terry_loss(c, r, reduction="none")
     assert torch.isfinite(loss).all()
     assert loss[0].item() == 0.0  # log(1 + e^-1e4) underflows to exactly 0
     assert loss[1].item() == pytest.approx(1e4, rel=1e-7)
@@ -47,7 +48,7 @@ def test_bt_loss_large_differences_are_finite_and_right():
 
 def test_bt_loss_gradient_is_minus_sigmoid_of_minus_d():
     d = torch.linspace(-30, 30, 241, dtype=torch.float64, requires_grad=True)
-    rlhf.bradley_terry_loss(d, torch.zeros_like(d), reduction="sum").backward()
+    RM.bradley_terry_loss(d, torch.zeros_like(d), reduction="sum").backward()
     assert torch.allclose(d.grad, -torch.sigmoid(-d.detach()), rtol=1e-12, atol=1e-300)
 
 
@@ -55,7 +56,7 @@ def test_bt_loss_gradient_is_minus_sigmoid_of_minus_d():
 def test_bt_loss_low_precision_upcasts(dtype):
     c = torch.tensor([3.0, -2.5, 100.0, -100.0], dtype=dtype)
     r = torch.tensor([-1.0, 0.5, 0.0, 0.0], dtype=dtype)
-    out = rlhf.bradley_terry_loss(c, r, reduction="none")
+    out = RM.bradley_terry_loss(c, r, reduction="none")
     assert out.dtype == torch.float32
     ref = -torch.nn.functional.logsigmoid(c.double() - r.double())
     assert torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-38)  # e^-100 is a float32 subnormal
@@ -65,8 +66,8 @@ def test_bt_loss_low_precision_upcasts(dtype):
 @given(st.lists(st.tuples(st.floats(-50, 50), st.floats(-50, 50), st.floats(-1e3, 1e3)), min_size=1, max_size=20))
 def test_bt_loss_invariant_to_per_prompt_shift(rows):
     c, r, f = (torch.tensor(col, dtype=torch.float64) for col in zip(*rows, strict=True))
-    a = rlhf.bradley_terry_loss(c, r, reduction="none")
-    b = rlhf.bradley_terry_loss(c + f, r + f, reduction="none")
+    a = RM.bradley_terry_loss(c, r, reduction="none")
+    b = RM.bradley_terry_loss(c + f, r + f, reduction="none")
     assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
 
 
@@ -85,7 +86,7 @@ def kwise_loop(rewards, counts):
 def test_kwise_equals_explicit_loop(K):
     g = torch.Generator().manual_seed(K)
     r = torch.randn(6, K, generator=g, dtype=torch.float64) * 3
-    assert rlhf.kwise_ranking_loss(r).item() == pytest.approx(kwise_loop(r, [K] * 6), rel=1e-12)
+    assert RM.kwise_ranking_loss(r).item() == pytest.approx(kwise_loop(r, [K] * 6), rel=1e-12)
 
 
 def test_kwise_with_mask_equals_loop_over_valid_responses():
@@ -94,14 +95,14 @@ def test_kwise_with_mask_equals_loop_over_valid_responses():
     counts = [6, 2, 4, 3]
     mask = torch.tensor([[1] * k + [0] * (6 - k) for k in counts])
     r_padded = torch.where(mask.bool(), r, torch.tensor(float("nan"), dtype=torch.float64))  # padding ignored
-    assert rlhf.kwise_ranking_loss(r_padded, mask).item() == pytest.approx(kwise_loop(r, counts), rel=1e-12)
+    assert RM.kwise_ranking_loss(r_padded, mask).item() == pytest.approx(kwise_loop(r, counts), rel=1e-12)
 
 
 def test_kwise_with_two_is_bradley_terry():
     g = torch.Generator().manual_seed(1)
     r = torch.randn(10, 2, generator=g, dtype=torch.float64)
-    assert rlhf.kwise_ranking_loss(r).item() == pytest.approx(
-        rlhf.bradley_terry_loss(r[:, 0], r[:, 1]).item(), rel=1e-12)
+    assert RM.kwise_ranking_loss(r).item() == pytest.approx(
+        RM.bradley_terry_loss(r[:, 0], r[:, 1]).item(), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,21 +205,21 @@ def test_kl_shaped_rewards_validation_of_tensors():
 
 def test_loss_validation():
     with pytest.raises(ValueError, match="rejected_rewards"):
-        rlhf.bradley_terry_loss(torch.zeros(3), torch.zeros(4))
+        RM.bradley_terry_loss(torch.zeros(3), torch.zeros(4))
     with pytest.raises(ValueError, match="NaN"):
-        rlhf.bradley_terry_loss(torch.tensor([float("nan")]), torch.zeros(1))
+        RM.bradley_terry_loss(torch.tensor([float("nan")]), torch.zeros(1))
     with pytest.raises(ValueError, match="floating-point"):
-        rlhf.bradley_terry_loss(torch.zeros(3, dtype=torch.long), torch.zeros(3))
+        RM.bradley_terry_loss(torch.zeros(3, dtype=torch.long), torch.zeros(3))
     with pytest.raises(ValueError, match="reduction"):
-        rlhf.bradley_terry_loss(torch.zeros(3), torch.zeros(3), reduction="max")
+        RM.bradley_terry_loss(torch.zeros(3), torch.zeros(3), reduction="max")
     with pytest.raises(ValueError, match="K >= 2"):
-        rlhf.kwise_ranking_loss(torch.zeros(3, 1))
+        RM.kwise_ranking_loss(torch.zeros(3, 1))
     with pytest.raises(ValueError, match=r"\[B, K\]"):
-        rlhf.kwise_ranking_loss(torch.zeros(3))
+        RM.kwise_ranking_loss(torch.zeros(3))
     with pytest.raises(ValueError, match="at least two"):
-        rlhf.kwise_ranking_loss(torch.zeros(2, 3), torch.tensor([[1, 1, 0], [1, 0, 0]]))
+        RM.kwise_ranking_loss(torch.zeros(2, 3), torch.tensor([[1, 1, 0], [1, 0, 0]]))
     with pytest.raises(ValueError, match="NaN"):
-        rlhf.kwise_ranking_loss(torch.tensor([[0.0, float("nan")]]))
+        RM.kwise_ranking_loss(torch.tensor([[0.0, float("nan")]]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def tiny_cfg():
 
 def test_scalar_model_score_reads_last_valid_token_and_ignores_padding():
     torch.manual_seed(0)
-    m = rlhf.ScalarModel(tiny_cfg())
+    m = RM.ScalarModel(tiny_cfg())
     torch.nn.init.normal_(m.head.weight)
     prompts = torch.randint(3, 41, (3, 4))
     comp = torch.randint(3, 41, (3, 5))
@@ -249,16 +250,16 @@ def test_scalar_model_from_lm_copies_backbone_and_starts_at_zero():
     torch.manual_seed(0)
     from rl4llm.lm import TinyLM
     lm = TinyLM(tiny_cfg())
-    m = rlhf.ScalarModel.from_lm(lm)
+    m = RM.ScalarModel.from_lm(lm)
     for (n1, p1), (n2, p2) in zip(lm.named_parameters(), m.backbone.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
     assert (m(torch.randint(0, 41, (2, 6))) == 0).all()
     torch.nn.init.normal_(m.head.weight)
-    m2 = rlhf.ScalarModel.from_lm(m)
+    m2 = RM.ScalarModel.from_lm(m)
     ids = torch.randint(0, 41, (2, 6))
     assert torch.equal(m2(ids), m(ids))
     with pytest.raises(ValueError, match="TinyLM"):
-        rlhf.ScalarModel.from_lm(torch.nn.Linear(2, 2))
+        RM.ScalarModel.from_lm(torch.nn.Linear(2, 2))
 
 
 def test_digit_gain_hand_values():
@@ -321,10 +322,10 @@ def test_preference_data_labels_follow_bradley_terry(setting):
 
 def test_short_reward_model_training_beats_chance(setting):
     tr = rlhf.preference_data(setting, 512, seed=1)
-    rm = rlhf.ScalarModel.from_lm(setting.reference)
-    before = rlhf.preference_accuracy(rm, tr)
+    rm = RM.ScalarModel.from_lm(setting.reference)
+    before = RM.preference_accuracy(rm, tr)
     assert before == 0.5  # zero head: every score is 0, every pair a tie
-    hist = rlhf.train_reward_model(rm, tr, epochs=2, batch_size=64, lr=3e-3)
+    hist = RM.train_reward_model(rm, tr, epochs=2, batch_size=64, lr=3e-3)
     assert hist.loss[-1] < math.log(2) and hist.train_accuracy[-1] > 0.6
 
 

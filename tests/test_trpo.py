@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rl4llm.pg import PolicyNet
-from rl4llm.ppo import categorical_kl
+from rl4llm.kl import categorical_kl as kl_categorical
+from rl4llm.nets import PolicyNet
 from rl4llm.trpo import (
     backtracking_line_search,
     conjugate_gradient,
@@ -19,6 +19,12 @@ from rl4llm.trpo import (
     trpo,
     trpo_update,
 )
+
+
+def categorical_kl(logits_p, logits_q):
+    """KL(p || q) of categoricals given by logits, through the package's one exact KL."""
+    return kl_categorical(torch.log_softmax(logits_p, -1), torch.log_softmax(logits_q, -1))
+
 
 
 def random_spd(n: int, seed: int) -> torch.Tensor:

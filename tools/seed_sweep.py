@@ -31,7 +31,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def sweep_ppo(seeds: list[int]) -> None:
     from rl4llm import ppo as P
-    from rl4llm.pg import evaluate
+    from rl4llm.envs import evaluate
 
     torch.set_default_dtype(torch.float64)  # as in the notebook: its networks are float32 all the same
     rows = []

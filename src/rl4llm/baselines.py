@@ -10,16 +10,18 @@ mean of :math:`X` and, per coordinate, the variance :math:`\\operatorname{Var} X
 
 The module, read top to bottom:
 
-1. :func:`batch_mean_baseline`, :func:`leave_one_out_baseline` -- means over a batch (the first includes the
-   sample itself, which shrinks the gradient by :math:`(N-1)/N`; the second leaves it out and does not);
-2. :func:`control_variate_coefficient`, :func:`optimal_baseline` -- the variance-minimising coefficient per
+1. :func:`control_variate_coefficient`, :func:`optimal_baseline` -- the variance-minimising coefficient per
    parameter coordinate, :math:`b^*_h = \\mathbb E[g_h^2 R] / \\mathbb E[g_h^2]` in the total-return form;
-3. :func:`weighted_mean_var`, :func:`leave_one_out_batch_variance` -- exact moments of estimators over an
+2. :func:`weighted_mean_var`, :func:`leave_one_out_batch_variance` -- exact moments of estimators over an
    enumerated distribution, including the batch estimate with a leave-one-out baseline;
-4. :class:`ValueNet`, :func:`fit_value` -- a learned state-value baseline :math:`V_\\phi(s)`;
-5. :func:`per_step_scores`, :func:`reinforce_with_baseline` -- the per-step score vectors of a
-   :class:`~rl4llm.pg.PolicyNet` in closed form, and REINFORCE with each baseline, which records the
+3. :func:`fit_value` -- fitting the learned state-value baseline :class:`~rl4llm.nets.ValueNet`, :math:`V_\\phi(s)`;
+4. :func:`per_step_scores`, :func:`reinforce_with_baseline` -- the per-step score vectors of a
+   :class:`~rl4llm.nets.PolicyNet` in closed form, and REINFORCE with each baseline, which records the
    variance of the one-episode gradient estimate under every baseline on the same batch.
+
+The batch means themselves, :func:`~rl4llm.returns.batch_mean_baseline` (which includes the sample, and so
+shrinks the gradient by :math:`(N-1)/N`) and :func:`~rl4llm.returns.leave_one_out_baseline` (which leaves it
+out and does not), live in :mod:`rl4llm.returns`.
 
 Shapes: samples (trajectories, episodes) along dim 0 unless stated; per-step tensors are time-last ``[B, T]``.
 """
@@ -29,21 +31,20 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-import gymnasium as gym
 import torch
 from torch import Tensor, nn
 
+from rl4llm import _validate as check
 from rl4llm.device import get_device, seed_everything
-from rl4llm.pg import PolicyNet, check_obs, collect_episodes, pg_weights, tanh_mlp
-from rl4llm.returns import check_gamma, discount_powers, discounted_returns
+from rl4llm.envs import collect_episodes, make_vector_env
+from rl4llm.nets import PolicyNet, ValueNet
+from rl4llm.pg import pg_weights
+from rl4llm.returns import check_gamma, discount_powers, discounted_returns, leave_one_out_baseline
 
 __all__ = [
     "BASELINES",
-    "ValueNet",
-    "batch_mean_baseline",
     "control_variate_coefficient",
     "fit_value",
-    "leave_one_out_baseline",
     "leave_one_out_batch_variance",
     "optimal_baseline",
     "per_step_scores",
@@ -59,44 +60,11 @@ BASELINES = ("none", "batch_mean", "value", "optimal")
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_float(x, name: str, *, min_dim: int = 1) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dim(s), got shape {list(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contain NaN or infinite values")
-    return x
-
-
-def _check_dim(dim, x: Tensor, name: str) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim must be an int indexing a dim of {name} (shape {list(x.shape)}), got {dim!r}")
-    return dim % x.dim()
-
-
-def _check_mask(mask, x: Tensor, name: str) -> Tensor:
-    if mask is None:
-        return torch.ones_like(x, dtype=torch.bool)
-    if not isinstance(mask, Tensor) or mask.shape != x.shape:
-        got = list(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a tensor of {name}' shape {list(x.shape)}, got {got}")
-    if mask.device != x.device:
-        raise ValueError(f"mask is on {mask.device} but {name} is on {x.device}")
-    if mask.dtype != torch.bool:
-        if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
-            raise ValueError("mask must be a bool tensor, or numeric with values in {0, 1}")
-        mask = mask != 0
-    return mask
-
-
 def _check_weights(weights, n: int, like: Tensor) -> Tensor | None:
     """Optional per-sample weights (e.g. exact probabilities) ``[n]``, finite and nonnegative."""
     if weights is None:
         return None
-    weights = _check_float(weights, "weights")
+    weights = check.float_tensor(weights, "weights")
     if weights.shape != (n,):
         raise ValueError(f"weights must have shape [N] = [{n}] (one per sample along dim 0), "
                          f"got {list(weights.shape)}")
@@ -107,75 +75,8 @@ def _check_weights(weights, n: int, like: Tensor) -> Tensor | None:
     return weights
 
 
-def _safe_ratio(num: Tensor, den: Tensor, fallback: Tensor) -> Tensor:
-    """``num / den`` where ``den > 0``, else ``fallback`` (no division by zero anywhere)."""
-    ok = den > 0
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), fallback)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 1. Batch means
-# ----------------------------------------------------------------------------------------------------------
-
-
-def batch_mean_baseline(returns: Tensor, dim: int = 0, *, mask: Tensor | None = None) -> Tensor:
-    """The mean of ``returns`` along ``dim``, *including* each sample, broadcast back to ``returns``' shape.
-
-    This is the baseline of GRPO-style group normalisation. It is not independent of the sample it is
-    subtracted from: since :math:`R_i - \\bar R = \\frac{N-1}{N}(R_i - \\bar R_{-i})`, the estimate with this
-    baseline is exactly :math:`\\frac{N-1}{N}` times the one with the leave-one-out mean
-    (:func:`leave_one_out_baseline`), so its expectation is :math:`\\frac{N-1}{N} \\nabla_\\theta J`.
-    (Not to be confused with :func:`rl4llm.pg.batch_mean_baseline`, which leaves the sample out.)
-
-    Args:
-        returns: floating-point tensor, finite, with at least one dim.
-        dim: the batch dim to average over.
-        mask: optional bool (or 0/1) tensor of ``returns``' shape; only True entries are averaged. Where a
-            slice has no True entry the baseline is 0.
-
-    Returns:
-        Tensor of ``returns``' shape and dtype.
-    """
-    returns = _check_float(returns, "returns")
-    dim = _check_dim(dim, returns, "returns")
-    mask = _check_mask(mask, returns, "returns")
-    v = torch.where(mask, returns, torch.zeros((), dtype=returns.dtype, device=returns.device))
-    count = mask.to(returns.dtype).sum(dim, keepdim=True)
-    mean = _safe_ratio(v.sum(dim, keepdim=True), count, torch.zeros_like(count))
-    return mean.expand_as(returns).clone()
-
-
-def leave_one_out_baseline(returns: Tensor, dim: int = 0, *, mask: Tensor | None = None) -> Tensor:
-    """For each sample, the mean of ``returns`` over the *other* samples along ``dim``.
-
-    :math:`\\bar R_{-i} = \\frac{1}{N-1} \\sum_{j \\ne i} R_j`. For i.i.d. samples it is independent of sample
-    ``i``, so subtracting it leaves the gradient estimate unbiased (the "RLOO" baseline). With ``mask`` only
-    True entries count, and where no *other* entry of a slice is True the baseline is 0 (per-step means over
-    episodes of different lengths; for ``dim=0`` this is :func:`rl4llm.pg.batch_mean_baseline`).
-
-    Args:
-        returns: floating-point tensor, finite; its size along ``dim`` (the batch size) must be at least 2.
-        dim: the batch dim.
-        mask: optional bool (or 0/1) tensor of ``returns``' shape, True at real entries.
-
-    Returns:
-        Tensor of ``returns``' shape and dtype.
-    """
-    returns = _check_float(returns, "returns")
-    dim = _check_dim(dim, returns, "returns")
-    if returns.shape[dim] < 2:
-        raise ValueError(f"returns must have at least 2 samples along dim {dim} for a leave-one-out mean, "
-                         f"got shape {list(returns.shape)}")
-    mask = _check_mask(mask, returns, "returns")
-    v = torch.where(mask, returns, torch.zeros((), dtype=returns.dtype, device=returns.device))
-    m = mask.to(returns.dtype)
-    others_sum = v.sum(dim, keepdim=True) - v
-    others_count = m.sum(dim, keepdim=True) - m
-    return _safe_ratio(others_sum, others_count, torch.zeros_like(others_sum))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 2. The optimal (variance-minimising) baseline
+# 1. The optimal (variance-minimising) baseline
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -199,8 +100,8 @@ def control_variate_coefficient(target: Tensor, control: Tensor, *, weights: Ten
     Returns:
         ``[...]`` (``[N, ...]`` with ``leave_one_out``), in the inputs' dtype.
     """
-    target = _check_float(target, "target")
-    control = _check_float(control, "control")
+    target = check.float_tensor(target, "target")
+    control = check.float_tensor(control, "control")
     if control.shape != target.shape:
         raise ValueError(f"control must have target's shape {list(target.shape)}, got {list(control.shape)}")
     if control.device != target.device:
@@ -216,7 +117,7 @@ def control_variate_coefficient(target: Tensor, control: Tensor, *, weights: Ten
     num, den = num_i.sum(0), den_i.sum(0)
     if leave_one_out:
         num, den = num - num_i, den - den_i
-    return _safe_ratio(num, den, torch.zeros_like(den))
+    return check.safe_ratio(num, den, torch.zeros_like(den))
 
 
 def optimal_baseline(grads_sq: Tensor, returns: Tensor, *, weights: Tensor | None = None,
@@ -239,8 +140,8 @@ def optimal_baseline(grads_sq: Tensor, returns: Tensor, *, weights: Tensor | Non
     Returns:
         ``[...]`` baseline per coordinate (``[N, ...]`` with ``leave_one_out``).
     """
-    grads_sq = _check_float(grads_sq, "grads_sq")
-    returns = _check_float(returns, "returns")
+    grads_sq = check.float_tensor(grads_sq, "grads_sq")
+    returns = check.float_tensor(returns, "returns")
     n = grads_sq.shape[0]
     if returns.shape != (n,):
         raise ValueError(f"returns must have shape [N] = [{n}] (grads_sq is {list(grads_sq.shape)}), "
@@ -261,11 +162,11 @@ def optimal_baseline(grads_sq: Tensor, returns: Tensor, *, weights: Tensor | Non
     if leave_one_out:
         sums = [s - x for s, x in zip(sums, terms, strict=True)]
     num, den, plain_num, plain_den = sums
-    return _safe_ratio(num, den, _safe_ratio(plain_num, plain_den, torch.zeros_like(plain_den)))
+    return check.safe_ratio(num, den, check.safe_ratio(plain_num, plain_den, torch.zeros_like(plain_den)))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Exact moments over an enumerated distribution
+# 2. Exact moments over an enumerated distribution
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -279,7 +180,7 @@ def weighted_mean_var(x: Tensor, prob: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``(mean, var)``, each of shape ``[...]``; ``var`` is :math:`\\sum_m p_m (x_m - \\mu)^2`.
     """
-    x = _check_float(x, "x")
+    x = check.float_tensor(x, "x")
     prob = _check_weights(prob, x.shape[0], x)
     if prob is None or abs(prob.sum().item() - 1) > 1e-9:
         raise ValueError("prob must be a tensor of probabilities [M] that sums to 1")
@@ -318,9 +219,9 @@ def leave_one_out_batch_variance(prob: Tensor, target: Tensor, control: Tensor, 
     Returns:
         ``[...]``: the variance of the batch estimate (times ``N`` it compares with one-sample variances).
     """
-    target = _check_float(target, "target")
-    control = _check_float(control, "control", min_dim=2)
-    values = _check_float(values, "values", min_dim=2)
+    target = check.float_tensor(target, "target")
+    control = check.float_tensor(control, "control", min_dim=2)
+    values = check.float_tensor(values, "values", min_dim=2)
     M = target.shape[0]
     if values.dim() != 2 or values.shape[0] != M:
         raise ValueError(f"values must have shape [M, T] with M = {M}, got {list(values.shape)}")
@@ -347,36 +248,8 @@ def leave_one_out_batch_variance(prob: Tensor, target: Tensor, control: Tensor, 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. A learned state-value baseline
+# 3. A learned state-value baseline
 # ----------------------------------------------------------------------------------------------------------
-
-
-class ValueNet(nn.Module):
-    """An MLP state-value estimate :math:`V_\\phi(s)`: observations ``[..., obs_dim]`` to values ``[...]``.
-
-    Tanh hidden layers and a linear output multiplied by a fixed ``scale``: returns in CartPole reach about
-    :math:`1/(1-\\gamma)`, and a network whose raw output is of order one learns that range faster when the
-    output is rescaled. The output layer starts at zero, so before any fitting the baseline is 0 rather than a
-    random function of the state.
-
-    Args:
-        obs_dim: size of an observation vector.
-        hidden: width of the hidden layer, or a sequence of widths.
-        scale: positive constant the raw output is multiplied by.
-        dtype: parameter dtype.
-    """
-
-    def __init__(self, obs_dim: int, hidden: int | tuple[int, ...] | list[int] = 32, *, scale: float = 1.0,
-                 dtype: torch.dtype = torch.float32):
-        super().__init__()
-        if isinstance(scale, bool) or not isinstance(scale, Real) or not (0 < scale < math.inf):
-            raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-        self.obs_dim, self.scale = obs_dim, float(scale)
-        self.net = tanh_mlp(obs_dim, hidden, 1, head_scale=0.0, dtype=dtype)
-
-    def forward(self, obs: Tensor) -> Tensor:
-        """Values ``[...]`` for observations ``[..., obs_dim]``."""
-        return self.scale * self.net(check_obs(obs, self.obs_dim).to(self.net[-1].weight.dtype)).squeeze(-1)
 
 
 def fit_value(value: ValueNet, optimizer: torch.optim.Optimizer, obs: Tensor, targets: Tensor,
@@ -399,12 +272,12 @@ def fit_value(value: ValueNet, optimizer: torch.optim.Optimizer, obs: Tensor, ta
     """
     if not isinstance(value, ValueNet):
         raise ValueError(f"value must be a ValueNet, got {type(value).__name__}")
-    targets = _check_float(targets, "targets", min_dim=0)
+    targets = check.float_tensor(targets, "targets", min_dim=0)
     if not isinstance(obs, Tensor) or obs.shape[:-1] != targets.shape:
         got = list(obs.shape) if isinstance(obs, Tensor) else type(obs).__name__
         raise ValueError(f"obs must have shape {[*targets.shape, value.obs_dim]} (targets' shape + obs_dim), "
                          f"got {got}")
-    mask = _check_mask(mask, targets, "targets")
+    mask = check.mask_or_all(mask, targets, "targets")
     if not mask.any():
         raise ValueError("mask has no real step")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -420,21 +293,21 @@ def fit_value(value: ValueNet, optimizer: torch.optim.Optimizer, obs: Tensor, ta
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Per-step scores of a PolicyNet, and REINFORCE with baselines
+# 4. Per-step scores of a PolicyNet, and REINFORCE with baselines
 # ----------------------------------------------------------------------------------------------------------
 
 
 def per_step_scores(policy: PolicyNet, obs: Tensor, actions: Tensor) -> Tensor:
     """The score :math:`\\nabla_\\theta \\log \\pi_\\theta(a \\mid s)` of every step, in closed form.
 
-    For the MLP of :class:`~rl4llm.pg.PolicyNet` (linear layers with tanh between them) the per-sample
+    For the MLP of :class:`~rl4llm.nets.PolicyNet` (linear layers with tanh between them) the per-sample
     gradient is a backward pass written out: at the output, :math:`\\partial \\log \\pi(a) / \\partial z =
     e_a - \\operatorname{softmax}(z)`; a linear layer :math:`z = W h + c` gets :math:`\\delta h^\\top` for
     :math:`W` and :math:`\\delta` for :math:`c`, and passes back :math:`W^\\top \\delta`, times
     :math:`1 - h^2` through a tanh. One batched pass gives every per-step score, with no autograd graph.
 
     Args:
-        policy: a :class:`~rl4llm.pg.PolicyNet`.
+        policy: a :class:`~rl4llm.nets.PolicyNet`.
         obs: ``[..., obs_dim]`` observations.
         actions: ``[...]`` integer actions.
 
@@ -475,17 +348,6 @@ def per_step_scores(policy: PolicyNet, obs: Tensor, actions: Tensor) -> Tensor:
         return torch.cat(grads, -1).reshape(*obs.shape[:-1], -1)
 
 
-def _make_env(env_id: str, num_envs: int, max_episode_steps: int | None) -> gym.vector.VectorEnv:
-    kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
-    return gym.make_vec(env_id, num_envs=num_envs, **kwargs)
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def reinforce_with_baseline(env_id: str = "CartPole-v1", *, baseline: str = "value", num_envs: int = 16,
                             iterations: int = 30, lr: float = 1e-2, gamma: float = 0.99,
                             hidden: int | tuple[int, ...] = 32, value_hidden: int | tuple[int, ...] = 32,
@@ -494,7 +356,7 @@ def reinforce_with_baseline(env_id: str = "CartPole-v1", *, baseline: str = "val
                             device: str | torch.device | None = None) -> dict:
     """REINFORCE with reward-to-go and one of four baselines, measuring every baseline's gradient variance.
 
-    Each iteration samples ``num_envs`` complete episodes (:func:`~rl4llm.pg.collect_episodes`), computes
+    Each iteration samples ``num_envs`` complete episodes (:func:`~rl4llm.envs.collect_episodes`), computes
     the score of every step (:func:`per_step_scores`), and forms the one-episode estimate
     :math:`\\hat g_i = \\sum_t \\gamma^t (G_{i,t} - b_{i,t})\\, \\nabla_\\theta \\log \\pi_\\theta(a_{i,t}
     \\mid s_{i,t})` (weights from :func:`~rl4llm.pg.pg_weights`) under each baseline:
@@ -537,22 +399,22 @@ def reinforce_with_baseline(env_id: str = "CartPole-v1", *, baseline: str = "val
         raise ValueError(f"env_id must be a gymnasium environment id (str), got {env_id!r}")
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-    _positive_int("num_envs", num_envs)
+    check.positive_int("num_envs", num_envs)
     if num_envs < 2:
         raise ValueError(f"num_envs must be >= 2 (leave-one-out baselines need other episodes), "
                          f"got {num_envs}")
-    _positive_int("iterations", iterations)
-    _positive_int("value_steps", value_steps)
+    check.positive_int("iterations", iterations)
+    check.positive_int("value_steps", value_steps)
     for name, v in (("lr", lr), ("value_lr", value_lr)):
         if isinstance(v, bool) or not isinstance(v, Real) or not (0 < v < math.inf):
             raise ValueError(f"{name} must be a positive finite number, got {v!r}")
     gamma = check_gamma(gamma)
     if max_episode_steps is not None:
-        _positive_int("max_episode_steps", max_episode_steps)
+        check.positive_int("max_episode_steps", max_episode_steps)
     device = get_device(device) if not isinstance(device, torch.device) else get_device(str(device))
 
     seed_everything(seed)
-    env = _make_env(env_id, num_envs, max_episode_steps)
+    env = make_vector_env(env_id, num_envs, max_episode_steps=max_episode_steps)
     try:
         obs_dim, n_actions = env.single_observation_space.shape[0], int(env.single_action_space.n)
         policy = PolicyNet(obs_dim, n_actions, hidden).to(device)

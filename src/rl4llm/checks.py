@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import sympy as sp
 
-__all__ = ["Identity", "assert_identity", "assert_nonzero"]
+__all__ = ["Identity", "assert_identity", "assert_nonzero", "log_simplify"]
 
 
 class Identity:
@@ -87,3 +87,18 @@ def assert_nonzero(expr, *, name: str | None = None,
     if _is_zero(e):
         raise AssertionError(f"expected {name or 'the expression'} to be non-zero, but it simplifies to 0")
     return e
+
+
+def log_simplify(expr):
+    """Expand every log into logs of symbols and of sums, treat those as new symbols, and cancel.
+
+    The ``simplify`` to pass to :func:`assert_identity` for identities between sums of logs (KL divergences,
+    log-partition functions). ``sp.simplify`` often fails to see that ``log(a b) - log a - log b`` is zero; here every
+    log is split by ``expand_log(force=True)`` (valid for the positive probabilities and partition functions the book
+    applies it to) and the remaining logs are replaced by fresh symbols. If the result is 0 as a rational function of
+    the symbols and those log-symbols, it is 0 for the actual logs too. (Chapters 9, 11 and 12.)
+    """
+    expr = sp.expand_log(sp.expand(expr), force=True)
+    logs = sorted(expr.atoms(sp.log), key=sp.default_sort_key)
+    fresh = [sp.Symbol(f"ell_{i}") for i in range(len(logs))]
+    return sp.cancel(sp.together(sp.expand(expr.xreplace(dict(zip(logs, fresh, strict=True))))))

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rl4llm.kl import categorical_kl
 from rl4llm.lm import sequence_logprobs
 
 __all__ = [
@@ -327,38 +328,6 @@ def log_partition(ref_logprobs: Tensor, rewards: Tensor, *, beta: float, dim: in
     return torch.logsumexp(_tilted(ref_logprobs, rewards, beta, dim), dim=dim)
 
 
-def _plogp_ratio(logp: Tensor, logq: Tensor) -> Tensor:
-    """``p (log p - log q)`` elementwise, with ``0 log 0 = 0`` and ``+inf`` where ``p > 0 = q``."""
-    p = logp.exp()
-    diff = torch.where(p > 0, logp - logq, torch.zeros((), dtype=logp.dtype, device=logp.device))
-    return p * diff
-
-
-def categorical_kl(logp: Tensor, logq: Tensor, *, dim: int = -1) -> Tensor:
-    r"""Exact :math:`\mathrm{KL}(p \,\|\, q) = \sum_y p(y) \log(p(y)/q(y))` of two categoricals along ``dim``.
-
-    Terms with :math:`p(y) = 0` are 0 (also where :math:`q(y) = 0`); :math:`p(y) > 0 = q(y)` gives ``inf``.
-    Differentiable in both arguments.
-
-    Args:
-        logp: ``[..., V, ...]`` normalised log-probabilities of ``p`` (``-inf`` allowed).
-        logq: the same for ``q``.
-        dim: the dimension that enumerates the outcomes.
-
-    Returns:
-        the KL with ``dim`` removed, float32 (float64 for float64 inputs).
-
-    Raises:
-        ValueError: non-floating, empty or NaN inputs, ``+inf``, shapes that differ, a bad ``dim``.
-    """
-    _check_tensor(logp, "logp", allow_neg_inf=True)
-    _check_tensor(logq, "logq", allow_neg_inf=True)
-    _check_like(logq, logp, "logq", "logp")
-    _check_dim(dim, logp)
-    acc = _acc(logp, logq)
-    return _plogp_ratio(logp.to(acc), logq.to(acc)).sum(dim=dim)
-
-
 def kl_regularised_objective(logprobs: Tensor, ref_logprobs: Tensor, rewards: Tensor, *, beta: float,
                              dim: int = -1) -> Tensor:
     r"""Exact :math:`J(\pi) = \sum_y \pi(y)\, r(y) - \beta\, \mathrm{KL}(\pi \,\|\, \pi_\mathrm{ref})` of a
@@ -390,7 +359,7 @@ def kl_regularised_objective(logprobs: Tensor, ref_logprobs: Tensor, rewards: Te
     _check_dim(dim, logprobs)
     acc = _acc(logprobs, ref_logprobs, rewards)
     lp = logprobs.to(acc)
-    return (lp.exp() * rewards.to(acc)).sum(dim=dim) - b * _plogp_ratio(lp, ref_logprobs.to(acc)).sum(dim=dim)
+    return (lp.exp() * rewards.to(acc)).sum(dim=dim) - b * categorical_kl(lp, ref_logprobs.to(acc), dim=dim)
 
 
 # ----------------------------------------------------------------------------------------------------------

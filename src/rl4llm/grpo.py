@@ -6,7 +6,7 @@ with a verifier, and gives every token of :math:`o_i` the advantage
 
 .. math:: \hat A_i = \frac{r_i - \operatorname{mean}(r_1, \dots, r_G)}{\operatorname{std}(r_1, \dots, r_G) + \epsilon}.
 
-The policy then takes several gradient steps on the clipped objective of :mod:`rl4llm.ppo`, with per-token
+The policy then takes several gradient steps on the clipped objective of :mod:`rl4llm.surrogate`, with per-token
 ratios :math:`\rho_{i,t} = \pi_\theta(o_{i,t} \mid q, o_{i,<t}) / \pi_{\theta_\mathrm{old}}(o_{i,t} \mid q,
 o_{i,<t})`, minus :math:`\beta` times a per-token :math:`k_3` estimate of :math:`\mathrm{KL}(\pi_\theta \,\|\,
 \pi_\mathrm{ref})` placed *in the loss* (not in the reward). What papers and libraries disagree about, and what
@@ -43,10 +43,10 @@ from numbers import Real
 import torch
 from torch import Tensor, nn
 
-from rl4llm.baselines import batch_mean_baseline, leave_one_out_baseline
 from rl4llm.kl import per_token_kl
 from rl4llm.lm import frozen_copy, sample, token_logprobs
-from rl4llm.ppo import clipped_objective
+from rl4llm.returns import batch_mean_baseline, leave_one_out_baseline
+from rl4llm.surrogate import clipped_objective
 
 __all__ = [
     "AGGREGATIONS",
@@ -138,8 +138,8 @@ def group_advantages(rewards: Tensor, *, scale: str = "group", leave_one_out: bo
 
     The baseline :math:`b_i` is the mean of the group (``leave_one_out=False``, GRPO; it includes
     :math:`r_i` itself, which shrinks the expected gradient by :math:`(G-1)/G`, see
-    :func:`rl4llm.baselines.batch_mean_baseline`) or the mean of the *other* :math:`G - 1` rewards
-    (``leave_one_out=True``, RLOO; :func:`rl4llm.baselines.leave_one_out_baseline`). The scale
+    :func:`rl4llm.returns.batch_mean_baseline`) or the mean of the *other* :math:`G - 1` rewards
+    (``leave_one_out=True``, RLOO; :func:`rl4llm.returns.leave_one_out_baseline`). The scale
     :math:`\sigma` is
 
     - ``"group"``: the standard deviation of the group's rewards (GRPO; a per-prompt rescaling that weights
@@ -380,7 +380,7 @@ def grpo_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor, 
     r"""The GRPO loss :math:`\sum_{i,t} w_{i,t} (-\ell^\mathrm{clip}_{i,t} + \beta\, k_{3,i,t})`, to be minimised.
 
     :math:`\ell^\mathrm{clip}_{i,t} = \min(\rho \hat A_{i,t}, \mathrm{clip}(\rho, 1 - \epsilon_\mathrm{low}, 1 +
-    \epsilon_\mathrm{high}) \hat A_{i,t})` is :func:`rl4llm.ppo.clipped_objective`, with
+    \epsilon_\mathrm{high}) \hat A_{i,t})` is :func:`rl4llm.surrogate.clipped_objective`, with
 
     - ``importance_level="token"``: :math:`\rho_{i,t} = \pi_\theta(o_{i,t}) / \pi_{\theta_\mathrm{old}}(o_{i,t})`;
     - ``importance_level="sequence"`` (GSPO): :math:`\rho = s_i`, the length-normalised sequence ratio of

@@ -36,7 +36,9 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["ESTIMATORS", "kl_k1", "kl_k2", "kl_k3", "per_token_kl"]
+from rl4llm import _validate as check
+
+__all__ = ["ESTIMATORS", "categorical_kl", "kl_k1", "kl_k2", "kl_k3", "per_token_kl"]
 
 # Taylor coefficients 1/k! of e^x - 1 - x, highest degree first (for Horner's scheme).
 _SERIES_DEGREE = 17
@@ -199,3 +201,42 @@ def per_token_kl(logp_policy: Tensor, logp_ref: Tensor, mask: Tensor | None = No
     else:
         value = _expm1_minus_x(log_r)
     return _masked(value, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The exact KL of two categorical distributions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _plogp_ratio(logp: Tensor, logq: Tensor) -> Tensor:
+    """``p (log p - log q)`` elementwise, with ``0 log 0 = 0`` and ``+inf`` where ``p > 0 = q``."""
+    p = logp.exp()
+    diff = torch.where(p > 0, logp - logq, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    return p * diff
+
+
+def categorical_kl(logp: Tensor, logq: Tensor, *, dim: int = -1) -> Tensor:
+    r"""Exact :math:`\mathrm{KL}(p \,\|\, q) = \sum_y p(y) \log(p(y)/q(y))` of two categoricals along ``dim``.
+
+    Terms with :math:`p(y) = 0` are 0 (also where :math:`q(y) = 0`); :math:`p(y) > 0 = q(y)` gives ``inf``.
+    Differentiable in both arguments. This is the one exact categorical KL of the package: PPO and TRPO
+    (chapter 8) call it on ``log_softmax`` of their logits, DPO (chapter 12, §12.2) on normalised log-probabilities.
+
+    Args:
+        logp: ``[..., V, ...]`` normalised log-probabilities of ``p`` (``-inf`` allowed).
+        logq: the same for ``q``.
+        dim: the dimension that enumerates the outcomes.
+
+    Returns:
+        the KL with ``dim`` removed, float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: non-floating, empty or NaN inputs, ``+inf``, shapes that differ, a bad ``dim``.
+    """
+    check.finite_float(logp, "logp", allow_neg_inf=True)
+    check.finite_float(logq, "logq", allow_neg_inf=True)
+    check.like(logq, logp, "logq", "logp")
+    check.dim_index(dim, logp)
+    acc = check.accumulation_dtype(logp, logq)
+    return _plogp_ratio(logp.to(acc), logq.to(acc)).sum(dim=dim)
+

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rl4llm import _validate as check
+
 __all__ = [
     "TinyLMConfig",
     "TinyLM",
@@ -42,6 +44,7 @@ __all__ = [
     "token_logprobs",
     "sequence_logprobs",
     "frozen_copy",
+    "last_index",
 ]
 
 LogitsFn = Callable[[Tensor], Tensor]
@@ -189,49 +192,31 @@ class TinyLM(nn.Module):
         Raises:
             ValueError: ``ids`` is not a non-empty ``[B, T]`` integer tensor within the vocabulary and length.
         """
+        return self.lm_head(self.features(ids))  # [B, T, V]
+
+    def features(self, ids: Tensor) -> Tensor:
+        """The final hidden states, ``ln_f`` of the last block's output: what the heads read.
+
+        :meth:`forward` is ``lm_head(features(ids))``; a scalar head on the same backbone
+        (:class:`rl4llm.reward_model.ScalarModel`) reads the same features, so a change to the backbone reaches
+        both by construction.
+
+        Args:
+            ids: ``[B, T]`` integer token ids in ``[0, vocab_size)``, ``1 <= T <= max_len``.
+
+        Returns:
+            ``[B, T, d_model]`` features, in the parameters' dtype.
+        """
         cfg = self.config
-        _check_ids("ids", ids, vocab_size=cfg.vocab_size)
-        B, T = ids.shape
-        if T > cfg.max_len:
+        check.ids("ids", ids, vocab_size=cfg.vocab_size)
+        if ids.shape[1] > cfg.max_len:
             raise ValueError(f"ids must be [B, T] with T <= max_len={cfg.max_len}, "
                              f"got shape {tuple(ids.shape)}")
-        pos = torch.arange(T, device=ids.device)
+        pos = torch.arange(ids.shape[1], device=ids.device)
         x = self.drop(self.wte(ids) + self.wpe(pos))  # [B, T, C]
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))  # [B, T, V]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Input checks shared by the public functions
-# ----------------------------------------------------------------------------------------------------------
-def _check_ids(name: str, ids, *, vocab_size: int | None = None, shape: str = "[B, T]") -> None:
-    """Raise ValueError unless ``ids`` is a non-empty 2-D integer tensor with values in ``[0, vocab)``."""
-    if not isinstance(ids, Tensor):
-        raise ValueError(f"{name} must be a {shape} integer tensor, got {type(ids).__name__}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ValueError(f"{name} must be a {shape} integer tensor, got dtype {ids.dtype}")
-    if ids.dim() != 2:
-        raise ValueError(f"{name} must be a {shape} integer tensor, got shape {tuple(ids.shape)}")
-    if ids.numel() == 0:
-        raise ValueError(f"{name} must be a non-empty {shape} tensor, got shape {tuple(ids.shape)}")
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
-        bound = f"[0, {vocab_size})" if vocab_size is not None else "[0, V)"
-        raise ValueError(f"{name} must hold token ids in {bound}, got values in [{lo}, {hi}]")
-
-
-def _check_mask(name: str, mask, shape: torch.Size, expected: str) -> Tensor:
-    """Raise ValueError unless ``mask`` has ``shape`` and values in {0, 1}; return it as a bool tensor."""
-    if not isinstance(mask, Tensor):
-        raise ValueError(f"{name} must be a {expected} tensor of 0/1, got {type(mask).__name__}")
-    if mask.shape != shape:
-        raise ValueError(f"{name} must have shape {expected} = {tuple(shape)}, got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool:
-        if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError(f"{name} must contain only 0 and 1")
-        mask = mask != 0
-    return mask
+        return self.ln_f(x)  # [B, T, C]
 
 
 def _model_vocab_size(model) -> int | None:
@@ -375,12 +360,12 @@ def logprobs_from_logits(logits: Tensor, targets: Tensor, *, chunk_size: int | N
     if targets.shape != logits.shape[:-1]:
         raise ValueError(f"targets must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
-    V = logits.shape[-1]
+    n_vocab = logits.shape[-1]
     lo, hi = int(targets.min()), int(targets.max())
-    if lo < 0 or hi >= V:
-        raise ValueError(f"targets must hold ids in [0, V={V}), got values in [{lo}, {hi}]")
+    if lo < 0 or hi >= n_vocab:
+        raise ValueError(f"targets must hold ids in [0, V={n_vocab}), got values in [{lo}, {hi}]")
     if chunk_size is None:
-        chunk_size = max(1, _CHUNK_ELEMENTS // V)
+        chunk_size = max(1, _CHUNK_ELEMENTS // n_vocab)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return _ChunkedTokenLogProb.apply(logits, targets.to(device=logits.device, dtype=torch.long), chunk_size)
@@ -415,12 +400,12 @@ def token_logprobs(model: nn.Module | LogitsFn, prompts: Tensor, completions: Te
             (unless allowed).
     """
     vocab = _model_vocab_size(model)
-    _check_ids("prompts", prompts, vocab_size=vocab, shape="[B, P]")
-    _check_ids("completions", completions, vocab_size=vocab, shape="[B, L]")
+    check.ids("prompts", prompts, vocab_size=vocab, shape="[B, P]")
+    check.ids("completions", completions, vocab_size=vocab, shape="[B, L]")
     if completions.shape[0] != prompts.shape[0]:
         raise ValueError(f"completions must be [B, L] with B = prompts.shape[0] = {prompts.shape[0]}, "
                          f"got shape {tuple(completions.shape)}")
-    keep = _check_mask("mask", mask, completions.shape, "[B, L]")
+    keep = check.token_mask("mask", mask, completions.shape, "[B, L]")
     if not allow_empty and not keep.any(dim=1).all():
         rows = (~keep.any(dim=1)).nonzero().flatten().tolist()
         raise ValueError(f"mask [B, L] has rows with no tokens (rows {rows[:8]}); pass allow_empty=True "
@@ -514,7 +499,7 @@ def sample(model: nn.Module | LogitsFn, prompts: Tensor, max_new_tokens: int, *,
             ``max_len``, ids out of the vocabulary, negative ``temperature`` or ``top_k < 1``.
     """
     vocab = _model_vocab_size(model)
-    _check_ids("prompts", prompts, vocab_size=vocab, shape="[B, P]")
+    check.ids("prompts", prompts, vocab_size=vocab, shape="[B, P]")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     max_len = _model_max_len(model)
@@ -540,16 +525,16 @@ def sample(model: nn.Module | LogitsFn, prompts: Tensor, max_new_tokens: int, *,
         tokens, logprobs, masks = [], [], []
         for _ in range(max_new_tokens):
             logits = _call_logits(model, seq)[:, -1, :].float()  # [B, V]
-            V = logits.shape[-1]
-            if vocab is None and max(int(prompts.max()), eos_id, pad_id) >= V:  # a bare callable
-                raise ValueError(f"prompts, eos_id and pad_id must be token ids in [0, V={V})")
-            vocab = V
+            n_vocab = logits.shape[-1]
+            if vocab is None and max(int(prompts.max()), eos_id, pad_id) >= n_vocab:  # a bare callable
+                raise ValueError(f"prompts, eos_id and pad_id must be token ids in [0, V={n_vocab})")
+            vocab = n_vocab
             if temperature == 0:
                 nxt = logits.argmax(dim=-1)
                 lp = torch.zeros(B, device=logits.device)
             else:
                 logits = logits / temperature
-                if top_k is not None and top_k < V:
+                if top_k is not None and top_k < n_vocab:
                     kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 logp = torch.log_softmax(logits, dim=-1)  # [B, V]
@@ -592,3 +577,10 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
+
+
+def last_index(keep: Tensor) -> Tensor:
+    """``[B]`` index of the last True entry of each row of ``keep [B, T]`` (every row has one)."""
+    T = keep.shape[-1]
+    pos = torch.arange(T, device=keep.device).expand(keep.shape)
+    return torch.where(keep, pos, torch.full_like(pos, -1)).max(dim=-1).values

@@ -1,4 +1,4 @@
-r"""REINFORCE: policy-gradient weights, the surrogate loss, a policy network and a training loop.
+r"""REINFORCE: policy-gradient weights, the surrogate loss and a training loop (chapter 5).
 
 The policy gradient theorem says
 :math:`\nabla_\theta J = \mathbb E_\tau[\sum_t \Psi_t \nabla_\theta \log \pi_\theta(a_t \mid s_t)]`
@@ -8,9 +8,8 @@ for several choices of the weight :math:`\Psi_t`. This module turns that into co
    episode, or the reward-to-go with the discount counted from the episode's start, minus a baseline;
 2. :func:`reinforce_surrogate` -- a scalar whose gradient is the REINFORCE estimate, averaged over
    trajectories;
-3. :class:`PolicyNet` -- a small MLP policy over discrete actions;
-4. :func:`collect_episodes`, :func:`reinforce`, :func:`evaluate` -- sample complete episodes from a gymnasium
-   vector environment, train the policy on them, and measure it.
+3. :func:`reinforce` -- train a :class:`~rl4llm.nets.PolicyNet` on complete episodes sampled from a gymnasium
+   vector environment (:func:`rl4llm.envs.collect_episodes`; :func:`rl4llm.envs.evaluate` measures it).
 
 Tensors are time-last: per-step quantities of a batch of trajectories have shape ``[B, T]`` (or
 ``[..., T]``), and padding steps are marked by an explicit ``mask``.
@@ -19,17 +18,15 @@ Tensors are time-last: per-step quantities of a batch of trajectories have shape
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from numbers import Real
 
-import gymnasium as gym
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.distributions import Categorical
+from torch import Tensor
 
+from rl4llm import _validate as check
 from rl4llm.device import get_device, seed_everything
+from rl4llm.envs import check_env, collect_episodes, make_vector_env
+from rl4llm.nets import PolicyNet
 from rl4llm.returns import (
     accumulation_dtype,
     check_dones,
@@ -39,18 +36,14 @@ from rl4llm.returns import (
     discounted_returns,
     episode_returns,
     episode_steps,
+    leave_one_out_baseline,
     reward_to_go,
 )
 
 __all__ = [
-    "Episodes",
-    "PolicyNet",
-    "collect_episodes",
-    "evaluate",
     "pg_weights",
     "reinforce",
     "reinforce_surrogate",
-    "tanh_mlp",
 ]
 
 
@@ -193,240 +186,8 @@ def reinforce_surrogate(logp: Tensor, weights: Tensor, mask: Tensor | None = Non
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. The policy
+# 3. Training
 # ----------------------------------------------------------------------------------------------------------
-
-
-def tanh_mlp(obs_dim: int, hidden: int | tuple[int, ...] | list[int], out_dim: int, *, head_scale: float,
-             dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    """The MLP behind the book's small policies and value functions: tanh hidden layers, a linear head.
-
-    The head's weights are multiplied by ``head_scale`` at initialisation (0.01: a near-uniform policy; 0: a
-    value function that starts at exactly 0) and its bias is zero.
-
-    Args:
-        obs_dim: input size.
-        hidden: width of the hidden layer, or a sequence of widths (empty: a linear map).
-        out_dim: output size.
-        head_scale: factor applied to the head's initial weights.
-        dtype: parameter dtype.
-    """
-    widths = (hidden,) if isinstance(hidden, int) else tuple(hidden)
-    for name, v in (("obs_dim", obs_dim), ("out_dim", out_dim), *(("hidden", h) for h in widths)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    sizes = (obs_dim, *widths)
-    layers: list[nn.Module] = []
-    for d_in, d_out in zip(sizes[:-1], sizes[1:], strict=True):
-        layers += [nn.Linear(d_in, d_out, dtype=dtype), nn.Tanh()]
-    head = nn.Linear(sizes[-1], out_dim, dtype=dtype)
-    with torch.no_grad():
-        head.weight.mul_(head_scale)
-        head.bias.zero_()
-    return nn.Sequential(*layers, head)
-
-
-def check_obs(obs, obs_dim: int) -> Tensor:
-    """``obs`` must be a tensor of shape ``[..., obs_dim]``; returns it."""
-    if not isinstance(obs, Tensor) or obs.dim() < 1 or obs.shape[-1] != obs_dim:
-        shape = list(obs.shape) if isinstance(obs, Tensor) else type(obs).__name__
-        raise ValueError(f"obs must be a tensor of shape [..., {obs_dim}], got {shape}")
-    return obs
-
-
-class PolicyNet(nn.Module):
-    """An MLP policy over discrete actions: observations ``[..., obs_dim]`` to logits ``[..., n_actions]``.
-
-    Hidden layers use tanh. The output layer starts with its weights scaled down 100-fold and zero bias, so
-    the initial policy is close to uniform.
-
-    Args:
-        obs_dim: size of an observation vector.
-        n_actions: number of discrete actions.
-        hidden: width of the hidden layer, or a sequence of widths (one per layer; empty: a linear policy).
-        dtype: parameter dtype; observations are cast to it.
-    """
-
-    def __init__(self, obs_dim: int, n_actions: int, hidden: int | tuple[int, ...] | list[int] = 64, *,
-                 dtype: torch.dtype = torch.float32):
-        super().__init__()
-        if isinstance(n_actions, bool) or not isinstance(n_actions, int) or n_actions < 1:
-            raise ValueError(f"n_actions must be a positive int, got {n_actions!r}")
-        self.obs_dim, self.n_actions = obs_dim, n_actions
-        self.net = tanh_mlp(obs_dim, hidden, n_actions, head_scale=0.01, dtype=dtype)
-
-    def forward(self, obs: Tensor) -> Tensor:
-        """Logits ``[..., n_actions]`` for observations ``[..., obs_dim]``."""
-        return self.net(check_obs(obs, self.obs_dim).to(self.net[-1].weight.dtype))
-
-    def dist(self, obs: Tensor) -> Categorical:
-        r"""The action distribution :math:`\pi_\theta(\cdot \mid s)` for observations ``[..., obs_dim]``."""
-        return Categorical(logits=self(obs))
-
-    def log_prob(self, obs: Tensor, actions: Tensor) -> Tensor:
-        r""":math:`\log \pi_\theta(a \mid s)` ``[...]`` for ``obs [..., obs_dim]`` and ``actions [...]``."""
-        logits = self(obs)
-        if not isinstance(actions, Tensor) or actions.shape != logits.shape[:-1]:
-            shape = list(actions.shape) if isinstance(actions, Tensor) else type(actions).__name__
-            raise ValueError(f"actions must have shape {list(logits.shape[:-1])}, got {shape}")
-        if actions.dtype == torch.bool or actions.is_floating_point() or actions.is_complex():
-            raise ValueError(f"actions must be an integer tensor, got dtype {actions.dtype}")
-        if actions.numel() and (actions.min() < 0 or actions.max() >= self.n_actions):
-            raise ValueError(f"actions must lie in [0, {self.n_actions}), got values outside")
-        return F.log_softmax(logits, dim=-1).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-
-    def act(self, obs: Tensor, generator: torch.Generator | None = None, *,
-            greedy: bool = False) -> tuple[Tensor, Tensor]:
-        """Sample actions (or take the most likely ones) for observations ``[B, obs_dim]``.
-
-        Args:
-            obs: ``[B, obs_dim]`` observations.
-            generator: optional ``torch.Generator`` on the policy's device, for reproducible samples.
-            greedy: take the argmax action instead of sampling.
-
-        Returns:
-            ``(actions, logp)``: int64 actions ``[B]`` and their log-probabilities ``[B]``.
-        """
-        logits = self(obs)
-        logp_all = F.log_softmax(logits, dim=-1)
-        if greedy:
-            actions = logits.argmax(-1)
-        else:
-            if generator is not None and generator.device.type != logits.device.type:
-                raise ValueError(f"generator is on {generator.device} but the policy runs on {logits.device}")
-            # Inverse-CDF sampling (torch.distributions cannot take a generator): the action is the number
-            # of CDF boundaries at or below a uniform draw.
-            cdf = logp_all.exp().cumsum(-1)
-            u = torch.rand(logits.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype, device=cdf.device)
-            actions = (u >= cdf[..., :-1]).sum(-1)
-        return actions, logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 4. Collecting episodes, training, evaluating
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Episodes:
-    """One complete episode per row, aligned at its first step and padded after its end.
-
-    Attributes:
-        obs: ``[B, T, obs_dim]`` observation :math:`s_t` before each action.
-        actions: ``[B, T]`` int64 actions :math:`a_t`.
-        rewards: ``[B, T]`` rewards :math:`r_t`; 0 at padding steps.
-        mask: ``[B, T]`` bool, True at the episode's real steps (a prefix of each row).
-        dones: ``[B, T]`` bool, True exactly at each episode's last step.
-        terminated: ``[B]`` bool: True if the episode ended in a terminal state, False if the time limit
-            truncated it.
-    """
-
-    obs: Tensor
-    actions: Tensor
-    rewards: Tensor
-    mask: Tensor
-    dones: Tensor
-    terminated: Tensor
-
-    @property
-    def lengths(self) -> Tensor:
-        """``[B]`` int64 episode lengths."""
-        return self.mask.sum(-1)
-
-    @property
-    def returns(self) -> Tensor:
-        """``[B]`` undiscounted episode returns."""
-        return self.rewards.sum(-1)
-
-
-def _env_sizes(env: gym.vector.VectorEnv) -> tuple[int, int]:
-    """``(obs_dim, n_actions)`` of a vector env with a 1-D Box observation space and Discrete actions."""
-    obs_space, act_space = env.single_observation_space, env.single_action_space
-    if not isinstance(act_space, gym.spaces.Discrete) or act_space.start != 0:
-        raise ValueError(f"env must have Discrete actions starting at 0, got {act_space}")
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise ValueError(f"env must have a 1-D Box observation space, got {obs_space}")
-    return int(obs_space.shape[0]), int(act_space.n)
-
-
-def collect_episodes(env: gym.vector.VectorEnv, policy: PolicyNet, *,
-                     generator: torch.Generator | None = None, seed: int | None = None, greedy: bool = False,
-                     max_steps: int = 100_000) -> Episodes:
-    """Reset every sub-environment and run each until its first episode ends: ``B = env.num_envs`` episodes.
-
-    Each sub-environment contributes exactly one complete episode, so the rows are independent samples of
-    whole trajectories, which is what the Monte Carlo estimator needs (keeping only the episodes that finish
-    within a fixed step budget would favour short ones). An episode ends when the environment reports
-    ``terminated`` (a terminal state) or ``truncated`` (a time limit: 500 steps in CartPole-v1). Both are
-    treated alike: the objective is the return over the time-limited episode, so nothing is bootstrapped.
-
-    Once its episode has ended a sub-environment keeps being stepped (the others are still running), but
-    nothing it returns is recorded: with gymnasium's default next-step autoreset, the step after a done
-    returns a reset observation and a reward that belong to no action of the episode. The rows are padded
-    there (reward 0, mask False), so the result does not depend on the autoreset mode.
-
-    Args:
-        env: a gymnasium vector environment with a 1-D ``Box`` observation space and ``Discrete`` actions.
-        policy: the policy; the returned tensors live on its device.
-        generator: optional generator on the policy's device for the action samples.
-        seed: passed to ``env.reset`` (``None``: continue the environments' random streams).
-        greedy: take argmax actions instead of sampling.
-        max_steps: raise ``RuntimeError`` if some episode has not ended after this many steps.
-
-    Returns:
-        :class:`Episodes` with ``T`` the length of the longest episode.
-    """
-    obs_dim, n_actions = _env_sizes(env)
-    if (obs_dim, n_actions) != (policy.obs_dim, policy.n_actions):
-        raise ValueError(
-            f"policy maps {policy.obs_dim} observations to {policy.n_actions} actions; "
-            f"env has {obs_dim} and {n_actions}"
-        )
-    param = next(policy.parameters())
-    device, dtype = param.device, param.dtype
-
-    obs, _ = env.reset(seed=seed)
-    running = np.ones(env.num_envs, dtype=bool)        # sub-environments whose first episode goes on
-    ended_terminal = np.zeros(env.num_envs, dtype=bool)
-    record: dict[str, list[np.ndarray]] = {"obs": [], "actions": [], "rewards": [], "mask": [], "dones": []}
-    for _ in range(max_steps):
-        obs = np.array(obs)                             # a copy: some vector envs reuse their buffers
-        with torch.no_grad():
-            actions, _ = policy.act(torch.from_numpy(obs).to(device, dtype), generator, greedy=greedy)
-        actions = actions.cpu().numpy()
-        next_obs, reward, terminated, truncated, _ = env.step(actions)
-        done = np.logical_or(terminated, truncated) & running
-        record["obs"].append(obs)
-        record["actions"].append(actions)
-        record["rewards"].append(np.where(running, reward, 0.0))
-        record["mask"].append(running.copy())
-        record["dones"].append(done)
-        ended_terminal |= np.asarray(terminated, dtype=bool) & running
-        running &= ~done
-        obs = next_obs
-        if not running.any():
-            break
-    else:
-        raise RuntimeError(f"{int(running.sum())} of {env.num_envs} episodes did not end within "
-                           f"max_steps={max_steps}")
-
-    def stacked(key: str, as_dtype: torch.dtype) -> Tensor:     # time-last: [B, T, ...]
-        return torch.from_numpy(np.stack(record[key], axis=1)).to(device=device, dtype=as_dtype)
-
-    return Episodes(
-        obs=stacked("obs", dtype),
-        actions=stacked("actions", torch.int64),
-        rewards=stacked("rewards", dtype),
-        mask=stacked("mask", torch.bool),
-        dones=stacked("dones", torch.bool),
-        terminated=torch.from_numpy(ended_terminal).to(device),
-    )
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def reinforce(env_id: str = "CartPole-v1", *, num_envs: int = 32, iterations: int = 30, lr: float = 2e-2,
@@ -436,7 +197,7 @@ def reinforce(env_id: str = "CartPole-v1", *, num_envs: int = 32, iterations: in
     r"""Train a :class:`PolicyNet` with REINFORCE on a gymnasium environment with discrete actions.
 
     Each iteration samples ``num_envs`` complete episodes, one per sub-environment of a vector environment
-    (:func:`collect_episodes`); computes :math:`\log \pi_\theta(a_t \mid s_t)` at all their steps in one
+    (:func:`rl4llm.envs.collect_episodes`); computes :math:`\log \pi_\theta(a_t \mid s_t)` at all their steps in one
     batched forward pass; weights them by :func:`pg_weights`; and takes one Adam step on
     ``-reinforce_surrogate(logp, weights, mask)``, i.e. along the REINFORCE gradient estimate averaged over
     the ``num_envs`` episodes. The environment steps per iteration are the sum of the episode lengths, so
@@ -463,7 +224,7 @@ def reinforce(env_id: str = "CartPole-v1", *, num_envs: int = 32, iterations: in
         weights: ``"reward_to_go"`` or ``"total"`` (the ``kind`` of :func:`pg_weights`).
         baseline: ``None``; a real number (subtracted as described in :func:`pg_weights`); or
             ``"leave_one_out"``: the mean over the other episodes of the batch
-            (:func:`rl4llm.baselines.leave_one_out_baseline`) of the return from step ``t``
+            (:func:`rl4llm.returns.leave_one_out_baseline`) of the return from step ``t``
             (``weights="reward_to_go"``) or of the episode's return (``weights="total"``).
         log_every: print a progress line every this many iterations (``None``: silent).
 
@@ -475,8 +236,8 @@ def reinforce(env_id: str = "CartPole-v1", *, num_envs: int = 32, iterations: in
     """
     if not isinstance(env_id, str):
         raise ValueError(f"env_id must be a gymnasium environment id (str), got {env_id!r}")
-    _check_positive_int("num_envs", num_envs)
-    _check_positive_int("iterations", iterations)
+    check.positive_int("num_envs", num_envs)
+    check.positive_int("iterations", iterations)
     if isinstance(lr, bool) or not isinstance(lr, Real) or not (0 < lr < math.inf):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     gamma = check_gamma(gamma)
@@ -487,16 +248,13 @@ def reinforce(env_id: str = "CartPole-v1", *, num_envs: int = 32, iterations: in
     if not (baseline is None or baseline == "leave_one_out" or numeric_baseline):
         raise ValueError(f"baseline must be None, 'leave_one_out' or a finite number, got {baseline!r}")
     if log_every is not None:
-        _check_positive_int("log_every", log_every)
+        check.positive_int("log_every", log_every)
     device = get_device(None if device is None else str(device))
 
     seed_everything(seed)
-    # Imported here because rl4llm.baselines builds its own training loop from this module's pieces.
-    from rl4llm.baselines import leave_one_out_baseline
-
-    env = gym.make_vec(env_id, num_envs=num_envs)     # gymnasium's own vectorised CartPole, else sync
+    env = make_vector_env(env_id, num_envs)     # gymnasium's own vectorised CartPole, else sync
     try:
-        policy = PolicyNet(*_env_sizes(env), hidden, dtype=torch.float32).to(device)
+        policy = PolicyNet(*check_env(env)[:2], hidden, dtype=torch.float32).to(device)
         generator = torch.Generator(device=device).manual_seed(seed)
         optimizer = torch.optim.Adam(policy.parameters(), lr=float(lr))
         keys = ("iteration", "env_steps", "episodes", "mean_return", "mean_length")
@@ -533,30 +291,3 @@ def reinforce(env_id: str = "CartPole-v1", *, num_envs: int = 32, iterations: in
     return history
 
 
-def evaluate(policy: PolicyNet, env_id: str = "CartPole-v1", episodes: int = 20, seed: int = 0, *,
-             greedy: bool = False) -> float:
-    """Mean undiscounted return of ``policy`` over ``episodes`` complete episodes (no update).
-
-    Args:
-        policy: the policy to run, on any device.
-        env_id: gymnasium id (see :func:`reinforce`).
-        episodes: number of episodes, run in parallel (one per sub-environment).
-        seed: seeds both the environments and the action sampling.
-        greedy: take argmax actions instead of sampling.
-
-    Returns:
-        The mean return, a Python float.
-    """
-    if not isinstance(policy, PolicyNet):
-        raise ValueError(f"policy must be a PolicyNet, got {type(policy).__name__}")
-    _check_positive_int("episodes", episodes)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    device = next(policy.parameters()).device
-    env = gym.make_vec(env_id, num_envs=episodes)
-    try:
-        generator = torch.Generator(device=device).manual_seed(seed)
-        batch = collect_episodes(env, policy, generator=generator, seed=seed, greedy=greedy)
-    finally:
-        env.close()
-    return batch.returns.mean().item()

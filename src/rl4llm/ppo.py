@@ -1,303 +1,40 @@
-r"""Proximal policy optimisation: the clipped surrogate, the value loss and their statistics.
+r"""Proximal policy optimisation on a gymnasium environment: the KL-penalty variant and the training loop.
 
-The pure loss functions here are shared by every chapter that runs a PPO-style update: PPO on CartPole
-(chapter 8), PPO for a language model with a KL-shaped reward (chapter 11) and GRPO (chapter 13, which adds its
-own aggregation over tokens).
+Chapter 8 derives PPO's clipped surrogate; its pure losses (:func:`~rl4llm.surrogate.clipped_objective`,
+:func:`~rl4llm.surrogate.policy_loss`, :func:`~rl4llm.surrogate.value_loss`, :func:`~rl4llm.surrogate.masked_mean`,
+:func:`~rl4llm.surrogate.normalize_advantages`) live in :mod:`rl4llm.surrogate`, because chapters 11 and 13 reuse
+them on language models. This module holds what only PPO on CartPole needs, read top to bottom:
 
-For a sample drawn from the old policy, with ratio :math:`\rho = \pi_\theta(a \mid s) / \pi_{\theta_\mathrm{old}}(a
-\mid s)` and advantage :math:`\hat A`, the clipped objective (to be maximised) is
-
-.. math:: \ell^{\mathrm{clip}} = \min\bigl(\rho \hat A,\ \mathrm{clip}(\rho, 1 - \epsilon_\mathrm{low},
-   1 + \epsilon_\mathrm{high}) \hat A\bigr),
-
-which equals :math:`\hat A \min(\rho, 1 + \epsilon_\mathrm{high})` for :math:`\hat A > 0` and
-:math:`\hat A \max(\rho, 1 - \epsilon_\mathrm{low})` for :math:`\hat A < 0`: a pessimistic (lower) bound on the
-unclipped surrogate :math:`\rho \hat A`. Symmetric clipping is :math:`\epsilon_\mathrm{low} =
-\epsilon_\mathrm{high} = \epsilon`; DAPO's "clip-higher" takes :math:`\epsilon_\mathrm{high} >
-\epsilon_\mathrm{low}`.
-
-Conventions: tensors of any shape (time-last ``[B, T]`` for tokens), an optional 0/1 ``mask`` of the same shape;
-log-probabilities in bfloat16/float16 are upcast, and all arithmetic is float32 (float64 stays float64). Masked
-entries may hold anything (padding, ``-inf``, NaN): they reach neither a loss nor its gradient.
-
-The module, read top to bottom:
-
-1. :func:`masked_mean`, :func:`normalize_advantages` -- averaging over real entries, and advantage normalisation
-   that returns exact zeros when all advantages are equal;
-2. :func:`clipped_objective`, :func:`policy_loss`, :func:`value_loss` -- the clipped surrogate, its loss with
-   diagnostics (:class:`PolicyLossStats`), and the (optionally clipped) critic loss;
-3. :func:`adaptive_kl_coef`, :func:`kl_penalty_loss`, :func:`categorical_kl` -- the KL-penalty variant of PPO and
-   its adaptive coefficient;
-4. :func:`ppo` -- the training loop on a gymnasium environment (CartPole in chapter 8), built on the rollouts and
-   GAE advantages of :mod:`rl4llm.actor_critic`.
+1. :func:`adaptive_kl_coef`, :func:`kl_penalty_loss` -- the KL-penalty variant of PPO and its adaptive
+   coefficient (the exact per-state KL is :func:`rl4llm.kl.categorical_kl`);
+2. :func:`ppo` -- the training loop on a gymnasium environment (CartPole in chapter 8), built on the rollouts of
+   :class:`rl4llm.envs.RolloutCollector` and the GAE advantages of :func:`rl4llm.actor_critic.rollout_advantages`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from numbers import Real
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from rl4llm.kl import kl_k1, kl_k3
+from rl4llm import _validate as check
+from rl4llm.actor_critic import rollout_advantages
+from rl4llm.device import get_device, seed_everything
+from rl4llm.envs import RolloutCollector, check_env, evaluate, make_vector_env
+from rl4llm.kl import categorical_kl
+from rl4llm.nets import PolicyNet, ValueNet
+from rl4llm.returns import check_gamma
+from rl4llm.surrogate import masked_mean, normalize_advantages, policy_loss, value_loss
 
 __all__ = [
     "OBJECTIVES",
-    "PolicyLossStats",
     "adaptive_kl_coef",
-    "categorical_kl",
-    "clipped_objective",
     "kl_penalty_loss",
-    "masked_mean",
-    "normalize_advantages",
-    "policy_loss",
     "ppo",
-    "value_loss",
 ]
-
-
-def _acc(*xs: Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for x in xs:
-        if x.dtype == torch.float64:
-            dtype = torch.float64
-    return dtype
-
-
-def _check_float(x, name: str) -> Tensor:
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        got = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a floating-point tensor, got {got}")
-    return x
-
-
-def _check_same(x: Tensor, like: Tensor, name: str, like_name: str) -> None:
-    if x.shape != like.shape:
-        raise ValueError(f"{name} must have the shape of {like_name}, {list(like.shape)}, got {list(x.shape)}")
-    if x.device != like.device:
-        raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}")
-
-
-def _check_mask(mask, like: Tensor, like_name: str) -> Tensor | None:
-    if mask is None:
-        return None
-    if not isinstance(mask, Tensor):
-        raise ValueError(f"mask must be a 0/1 tensor of shape {list(like.shape)}, got {type(mask).__name__}")
-    _check_same(mask, like, "mask", like_name)
-    if mask.dtype != torch.bool:
-        if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("mask must hold only 0 and 1 (or be a bool tensor)")
-        mask = mask != 0
-    return mask
-
-
-def _check_eps(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not (0.0 <= float(value) < float("inf")):
-        raise ValueError(f"{name} must be a finite real number >= 0, got {value!r}")
-    return float(value)
-
-
-def masked_mean(x: Tensor, mask: Tensor | None = None, dim: int | tuple[int, ...] | None = None) -> Tensor:
-    """Mean of ``x`` over the entries where ``mask`` is 1 (all entries if ``mask`` is ``None``).
-
-    Args:
-        x: floating-point tensor of any shape.
-        mask: optional 0/1 (or bool) tensor of ``x``'s shape.
-        dim: the dims to average over; ``None`` for all.
-
-    Returns:
-        The mean, in ``x``'s dtype (float32 accumulation for 16-bit inputs).
-
-    Raises:
-        ValueError: ``mask`` has the wrong shape or holds other values than 0/1, or a mean would be over no
-            entry at all (a mask of all zeros over ``dim``), which has no value.
-    """
-    x = _check_float(x, "x")
-    mask = _check_mask(mask, x, "x")
-    acc = _acc(x)
-    xs = x.to(acc)
-    if mask is None:
-        if x.numel() == 0:
-            raise ValueError("x is empty: the mean of nothing is undefined")
-        return (xs.mean() if dim is None else xs.mean(dim=dim)).to(x.dtype)
-    m = mask.to(acc)
-    count = m.sum() if dim is None else m.sum(dim=dim)
-    if bool((count == 0).any()):
-        raise ValueError("mask selects no entries (all zeros" + ("" if dim is None else f" along dim {dim}")
-                         + "): the mean of nothing is undefined")
-    kept = torch.where(mask, xs, torch.zeros((), dtype=acc, device=x.device))  # NaN/inf at masked entries stay out
-    total = kept.sum() if dim is None else kept.sum(dim=dim)
-    return (total / count).to(x.dtype)
-
-
-def normalize_advantages(advantages: Tensor, mask: Tensor | None = None, *, eps: float = 1e-8) -> Tensor:
-    r"""Centre the advantages and scale them to unit standard deviation over the (masked) batch.
-
-    ``(A - mean) / std``, with the population std over the entries ``mask`` selects. If all the selected
-    advantages are equal the result is exactly 0: centring alone would leave the rounding error of the mean,
-    and dividing that by an equally tiny std would turn it into +-1. If the std is at most ``eps`` the
-    advantages are only centred, never divided by (nearly) zero. Masked entries are returned as 0.
-
-    Args:
-        advantages: floating-point tensor of any shape.
-        mask: optional 0/1 tensor of the same shape.
-        eps: std threshold below which no scaling is applied.
-
-    Returns:
-        Tensor of ``advantages``' shape and dtype.
-    """
-    advantages = _check_float(advantages, "advantages")
-    mask = _check_mask(mask, advantages, "advantages")
-    if not torch.isfinite(advantages if mask is None else advantages[mask]).all():
-        raise ValueError("advantages contain NaN or infinite values")
-    acc = _acc(advantages)
-    a = advantages.to(acc)
-    mean = masked_mean(a, mask)
-    centred = a - mean
-    var = masked_mean(centred.square(), mask)
-    std = var.sqrt()
-    zero = torch.zeros((), dtype=acc, device=a.device)
-    scale = torch.where(std > eps, std, torch.ones((), dtype=acc, device=a.device))
-    selected = a if mask is None else a[mask]
-    all_equal = selected.max() == selected.min()
-    out = torch.where(all_equal, zero, centred / scale)
-    if mask is not None:
-        out = torch.where(mask, out, zero)
-    return out.to(advantages.dtype)
-
-
-def clipped_objective(logp: Tensor, logp_old: Tensor, advantages: Tensor, *, clip_eps: float = 0.2,
-                      clip_eps_high: float | None = None) -> Tensor:
-    r"""Per-sample clipped surrogate :math:`\min(\rho \hat A, \mathrm{clip}(\rho, 1-\epsilon_\mathrm{low},
-    1+\epsilon_\mathrm{high}) \hat A)`, to be maximised.
-
-    Args:
-        logp: ``[...]`` log-probabilities of the sampled actions (tokens) under the current policy (with grad).
-        logp_old: ``[...]`` the same under the policy that sampled them (treated as a constant).
-        advantages: ``[...]`` advantage estimates (treated as constants).
-        clip_eps: :math:`\epsilon_\mathrm{low}` (and :math:`\epsilon_\mathrm{high}` unless given), >= 0.
-        clip_eps_high: optional :math:`\epsilon_\mathrm{high}` for asymmetric clipping (DAPO's clip-higher).
-
-    Returns:
-        ``[...]`` objective values, float32 (float64 for float64 inputs).
-    """
-    for name, x in (("logp", logp), ("logp_old", logp_old), ("advantages", advantages)):
-        _check_float(x, name)
-    _check_same(logp_old, logp, "logp_old", "logp")
-    _check_same(advantages, logp, "advantages", "logp")
-    eps_low = _check_eps(clip_eps, "clip_eps")
-    eps_high = eps_low if clip_eps_high is None else _check_eps(clip_eps_high, "clip_eps_high")
-    acc = _acc(logp, logp_old, advantages)
-    ratio = torch.exp(logp.to(acc) - logp_old.detach().to(acc))
-    adv = advantages.detach().to(acc)
-    return torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
-
-
-@dataclass(frozen=True)
-class PolicyLossStats:
-    """Diagnostics of one policy-loss evaluation (floats, no graph).
-
-    Attributes:
-        clip_fraction: share of (masked) samples whose ratio lies outside the clip range on the side where the
-            clipped branch is active, i.e. whose gradient is zeroed by the clip.
-        approx_kl_k1: mean of :math:`k_1` for :math:`\\mathrm{KL}(\\pi_\\mathrm{old} \\| \\pi_\\theta)` from the
-            old policy's samples.
-        approx_kl_k3: mean of :math:`k_3` for the same KL (non-negative, lower variance).
-        ratio_mean: mean probability ratio.
-    """
-
-    clip_fraction: float
-    approx_kl_k1: float
-    approx_kl_k3: float
-    ratio_mean: float
-
-
-def policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, *, clip_eps: float = 0.2,
-                clip_eps_high: float | None = None, mask: Tensor | None = None) -> tuple[Tensor, PolicyLossStats]:
-    r"""PPO's clipped policy loss, :math:`-` the mean of :func:`clipped_objective` over the masked samples.
-
-    Every (unmasked) sample gets the same weight; token-level weightings other than this flat mean (GRPO's
-    per-sequence average, Dr. GRPO's constant) are in :mod:`rl4llm.grpo`.
-
-    Args:
-        logp, logp_old, advantages, clip_eps, clip_eps_high: as for :func:`clipped_objective`.
-        mask: optional 0/1 tensor of ``logp``'s shape; 0 marks padding, which contributes nothing to the loss
-            or its gradient.
-
-    Returns:
-        ``(loss, stats)``: the scalar loss (float32, or float64 for float64 inputs) and a
-        :class:`PolicyLossStats`.
-    """
-    for name, x in (("logp", logp), ("logp_old", logp_old), ("advantages", advantages)):
-        _check_float(x, name)
-    mask = _check_mask(mask, logp, "logp")
-    if mask is not None:  # padding may hold anything (-inf, NaN): keep it out of the value and the gradient
-        logp, logp_old, advantages = (torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
-                                      for x in (logp, logp_old, advantages))
-    obj = clipped_objective(logp, logp_old, advantages, clip_eps=clip_eps, clip_eps_high=clip_eps_high)
-    loss = -masked_mean(obj, mask)
-    with torch.no_grad():
-        eps_low = float(clip_eps)
-        eps_high = eps_low if clip_eps_high is None else float(clip_eps_high)
-        acc = obj.dtype
-        log_ratio = logp.detach().to(acc) - logp_old.detach().to(acc)
-        ratio = log_ratio.exp()
-        adv = advantages.detach().to(acc)
-        clipped = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps_low))
-        stats = PolicyLossStats(
-            clip_fraction=float(masked_mean(clipped.to(acc), mask)),
-            approx_kl_k1=float(masked_mean(kl_k1(logp.detach().to(acc), logp_old.detach().to(acc)), mask)),
-            approx_kl_k3=float(masked_mean(kl_k3(logp.detach().to(acc), logp_old.detach().to(acc)), mask)),
-            ratio_mean=float(masked_mean(ratio, mask)),
-        )
-    return loss, stats
-
-
-def value_loss(values: Tensor, returns: Tensor, *, old_values: Tensor | None = None, clip_eps: float | None = None,
-               mask: Tensor | None = None) -> Tensor:
-    r"""Squared-error loss of the critic, :math:`\tfrac12 \,\mathrm{mean}\,(V(s) - R)^2`.
-
-    With ``old_values`` and ``clip_eps`` it is PPO2's clipped variant,
-    :math:`\tfrac12 \,\mathrm{mean} \max\bigl((V - R)^2, (V_\mathrm{old} + \mathrm{clip}(V - V_\mathrm{old},
-    -\epsilon, \epsilon) - R)^2\bigr)`.
-
-    Args:
-        values: ``[...]`` the critic's predictions (with grad).
-        returns: ``[...]`` targets, e.g. :math:`\lambda`-returns (treated as constants).
-        old_values: optional ``[...]`` predictions of the critic that collected the data.
-        clip_eps: clip range for the value change; requires ``old_values``.
-        mask: optional 0/1 tensor of ``values``' shape.
-
-    Returns:
-        Scalar loss.
-    """
-    _check_float(values, "values")
-    _check_float(returns, "returns")
-    _check_same(returns, values, "returns", "values")
-    mask = _check_mask(mask, values, "values")
-    if mask is not None:  # padding may hold anything: keep it out of the value and the gradient
-        values, returns = (torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
-                           for x in (values, returns))
-    acc = _acc(values, returns)
-    v = values.to(acc)
-    target = returns.detach().to(acc)
-    sq = (v - target).square()
-    if (old_values is None) != (clip_eps is None):
-        raise ValueError("old_values and clip_eps must be given together (the clipped value loss needs both)")
-    if old_values is not None:
-        _check_float(old_values, "old_values")
-        _check_same(old_values, values, "old_values", "values")
-        eps = _check_eps(clip_eps, "clip_eps")
-        if mask is not None:
-            old_values = torch.where(mask, old_values, torch.zeros((), dtype=old_values.dtype,
-                                                                   device=old_values.device))
-        vo = old_values.detach().to(acc)
-        v_clipped = vo + (v - vo).clamp(-eps, eps)
-        sq = torch.maximum(sq, (v_clipped - target).square())
-    return 0.5 * masked_mean(sq, mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -369,15 +106,15 @@ def kl_penalty_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, kl: Tens
         Scalar loss (float32, or float64 for float64 inputs).
     """
     for name, x in (("logp", logp), ("logp_old", logp_old), ("advantages", advantages), ("kl", kl)):
-        _check_float(x, name)
+        check.floating(x, name)
     for name, x in (("logp_old", logp_old), ("advantages", advantages), ("kl", kl)):
-        _check_same(x, logp, name, "logp")
-    beta = _check_eps(beta, "beta")
-    mask = _check_mask(mask, logp, "logp")
+        check.same(x, logp, name, "logp")
+    beta = check.nonneg_real(beta, "beta")
+    mask = check.mask_or_none(mask, logp, "logp")
     if mask is not None:
         logp, logp_old, advantages, kl = (torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
                                           for x in (logp, logp_old, advantages, kl))
-    acc = _acc(logp, logp_old, advantages, kl)
+    acc = check.accumulation_dtype(logp, logp_old, advantages, kl)
     ratio = torch.exp(logp.to(acc) - logp_old.detach().to(acc))
     return -masked_mean(ratio * advantages.detach().to(acc) - beta * kl.to(acc), mask)
 
@@ -390,30 +127,11 @@ OBJECTIVES = ("clip", "kl_penalty")
 """The policy objectives :func:`ppo` accepts."""
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _positive_real(name: str, value, *, allow_zero: bool = False) -> float:
     ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return float(value)
-
-
-def categorical_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
-    r"""Exact :math:`\mathrm{KL}(p \,\|\, q)` between categorical distributions given by logits ``[..., A]``.
-
-    Returns:
-        ``[...]`` divergences (differentiable in both arguments).
-    """
-    for name, x in (("logits_p", logits_p), ("logits_q", logits_q)):
-        _check_float(x, name)
-    _check_same(logits_q, logits_p, "logits_q", "logits_p")
-    log_p, log_q = torch.log_softmax(logits_p, -1), torch.log_softmax(logits_q, -1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def ppo(env_id: str = "CartPole-v1", *, num_envs: int = 8, num_steps: int = 128, total_steps: int = 150_000,
@@ -424,10 +142,10 @@ def ppo(env_id: str = "CartPole-v1", *, num_envs: int = 8, num_steps: int = 128,
         hidden: int | tuple[int, ...] = 64, seed: int = 0, device: str | torch.device | None = None,
         target_return: float | None = None, eval_trigger: float | None = None, eval_episodes: int = 20,
         eval_seed: int = 10_000, eval_greedy: bool = False, log_every: int | None = None) -> dict:
-    r"""Train a :class:`~rl4llm.pg.PolicyNet` and a :class:`~rl4llm.baselines.ValueNet` with PPO.
+    r"""Train a :class:`~rl4llm.nets.PolicyNet` and a :class:`~rl4llm.nets.ValueNet` with PPO.
 
     Each iteration collects ``num_steps`` steps from each of ``num_envs`` sub-environments
-    (:class:`rl4llm.actor_critic.RolloutCollector`; the reset steps of next-step autoreset are masked out),
+    (:class:`rl4llm.envs.RolloutCollector`; the reset steps of next-step autoreset are masked out),
     computes GAE advantages and :math:`\lambda`-return targets with the value network that collected them
     (:func:`rl4llm.actor_critic.rollout_advantages`: a time-limit truncation bootstraps from the value of the
     final observation, a termination does not), then runs ``epochs`` passes over the real steps in
@@ -436,14 +154,14 @@ def ppo(env_id: str = "CartPole-v1", *, num_envs: int = 8, num_steps: int = 128,
     .. math:: \mathcal L = \mathcal L^\mathrm{policy} + c_V\, \mathcal L^\mathrm{value}
        - c_H\, \mathbb E[\mathcal H(\pi_\theta(\cdot \mid s))],
 
-    where :math:`\mathcal L^\mathrm{policy}` is :func:`policy_loss` (``objective="clip"``) or
+    where :math:`\mathcal L^\mathrm{policy}` is :func:`~rl4llm.surrogate.policy_loss` (``objective="clip"``) or
     :func:`kl_penalty_loss` with the exact per-state KL (``objective="kl_penalty"``, with :math:`\beta`
     adapted after every iteration by :func:`adaptive_kl_coef`), the advantages of the minibatch are normalised
-    (:func:`normalize_advantages`) if ``normalize_adv``, and :math:`\mathcal L^\mathrm{value}` is
-    :func:`value_loss` (clipped if ``value_clip`` is given). The gradient norm of each network is clipped to
-    ``max_grad_norm``; the learning rate decays linearly to 0 over the run if ``anneal_lr``.
+    (:func:`~rl4llm.surrogate.normalize_advantages`) if ``normalize_adv``, and :math:`\mathcal L^\mathrm{value}` is
+    :func:`~rl4llm.surrogate.value_loss` (clipped if ``value_clip`` is given). The gradient norm of each network
+    is clipped to ``max_grad_norm``; the learning rate decays linearly to 0 over the run if ``anneal_lr``.
 
-    If ``target_return`` is given, the policy is evaluated (:func:`rl4llm.pg.evaluate`, ``eval_episodes``
+    If ``target_return`` is given, the policy is evaluated (:func:`rl4llm.envs.evaluate`, ``eval_episodes``
     episodes seeded with ``eval_seed``) after every iteration in which the training episodes that ended
     averaged at least ``eval_trigger`` (default: ``target_return``), and training stops as soon as an
     evaluation reaches ``target_return``.
@@ -490,19 +208,11 @@ def ppo(env_id: str = "CartPole-v1", *, num_envs: int = 8, num_steps: int = 128,
         env steps at the first evaluation that reached ``target_return`` (else ``None``); and the trained
         ``"policy"`` and ``"value"``.
     """
-    import gymnasium as gym
-
-    from rl4llm.actor_critic import RolloutCollector, rollout_advantages
-    from rl4llm.baselines import ValueNet
-    from rl4llm.device import get_device, seed_everything
-    from rl4llm.pg import PolicyNet, _env_sizes, evaluate
-    from rl4llm.returns import check_gamma
-
     if not isinstance(env_id, str):
         raise ValueError(f"env_id must be a gymnasium environment id (str), got {env_id!r}")
     for name, v in (("num_envs", num_envs), ("num_steps", num_steps), ("total_steps", total_steps),
                     ("epochs", epochs), ("minibatches", minibatches), ("eval_episodes", eval_episodes)):
-        _positive_int(name, v)
+        check.positive_int(name, v)
     iterations = total_steps // (num_envs * num_steps)
     if iterations < 1:
         raise ValueError(f"total_steps ({total_steps}) must be at least num_envs * num_steps "
@@ -532,13 +242,13 @@ def ppo(env_id: str = "CartPole-v1", *, num_envs: int = 8, num_steps: int = 128,
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be a non-negative int, got {v!r}")
     if log_every is not None:
-        _positive_int("log_every", log_every)
+        check.positive_int("log_every", log_every)
     device = get_device(None if device is None else str(device))
 
     seed_everything(seed)
-    env = gym.make_vec(env_id, num_envs=num_envs)
+    env = make_vector_env(env_id, num_envs)
     try:
-        obs_dim, n_actions = _env_sizes(env)
+        obs_dim, n_actions, _ = check_env(env)
         policy = PolicyNet(obs_dim, n_actions, hidden).to(device)
         value = ValueNet(obs_dim, hidden).to(device)
         params = [*policy.parameters(), *value.parameters()]
@@ -575,7 +285,7 @@ def ppo(env_id: str = "CartPole-v1", *, num_envs: int = 8, num_steps: int = 128,
                     if objective == "clip":
                         pl, _ = policy_loss(logp, logp_old[idx], a, clip_eps=clip_eps)
                     else:
-                        kl = categorical_kl(logits_old[idx], logits)
+                        kl = categorical_kl(torch.log_softmax(logits_old[idx], -1), torch.log_softmax(logits, -1))
                         pl = kl_penalty_loss(logp, logp_old[idx], a, kl, beta=beta)
                     entropy = -(log_pi.exp() * log_pi).sum(-1).mean()
                     v = value(obs[idx])
@@ -596,7 +306,8 @@ def ppo(env_id: str = "CartPole-v1", *, num_envs: int = 8, num_steps: int = 128,
                 logits_new = policy(obs)
                 logp_new = torch.log_softmax(logits_new, -1).gather(-1, actions[:, None]).squeeze(-1)
                 _, stats = policy_loss(logp_new, logp_old, normalize_advantages(adv), clip_eps=clip_eps)
-                kl_exact = categorical_kl(logits_old, logits_new).mean().item()
+                kl_exact = categorical_kl(torch.log_softmax(logits_old, -1),
+                                          torch.log_softmax(logits_new, -1)).mean().item()
                 log_pi_new = torch.log_softmax(logits_new, -1)
                 entropy_new = -(log_pi_new.exp() * log_pi_new).sum(-1).mean().item()
             history["beta"].append(beta if objective == "kl_penalty" else math.nan)

@@ -11,7 +11,10 @@ for a batch of reward sequences:
   the discounted objective), or from step ``t`` (:math:`G_t`);
 - :func:`episode_returns` -- the total discounted return of the episode, repeated at every one of its steps;
 - :func:`episode_steps` and :func:`discount_powers` -- the index of each step within its episode and
-  :math:`\gamma` raised to it.
+  :math:`\gamma` raised to it;
+- :func:`gae` -- generalised advantage estimation (chapter 7), by a loop or a parallel scan;
+- :func:`batch_mean_baseline`, :func:`leave_one_out_baseline` -- means over a batch of samples, the baselines of
+  chapter 6 (§6.2) that GRPO's group advantages (chapter 13) reuse.
 
 Conventions. Tensors are time-last: ``rewards`` has shape ``[..., T]`` with any number of leading (batch)
 dims. Episode boundaries are explicit: ``dones[..., t]`` is True when the episode ended at step ``t``, so
@@ -33,18 +36,28 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from rl4llm import _validate as check
+
 __all__ = [
+    "accumulation_dtype",
+    "as_bool",
+    "batch_mean_baseline",
+    "check_dones",
+    "check_gamma",
+    "check_lam",
+    "check_rewards",
     "discount_powers",
     "discounted_returns",
     "episode_returns",
     "episode_steps",
     "gae",
+    "leave_one_out_baseline",
     "reward_to_go",
 ]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Validation helpers (shared with rl4llm.pg)
+# Validation helpers (shared with the policy-gradient modules)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -575,3 +588,64 @@ def gae(rewards: Tensor, values: Tensor, next_values: Tensor | None = None, *, g
     else:
         out = _gae_loop(deltas, decay)
     return out.to(torch.promote_types(rewards.dtype, values.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batch means: the batch-mean and leave-one-out baselines (chapter 6)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def batch_mean_baseline(returns: Tensor, dim: int = 0, *, mask: Tensor | None = None) -> Tensor:
+    """The mean of ``returns`` along ``dim``, *including* each sample, broadcast back to ``returns``' shape.
+
+    This is the baseline of GRPO-style group normalisation (chapter 6, §6.2; chapter 13). It is not independent
+    of the sample it is subtracted from: since :math:`R_i - \\bar R = \\frac{N-1}{N}(R_i - \\bar R_{-i})`, the
+    estimate with this baseline is exactly :math:`\\frac{N-1}{N}` times the one with the leave-one-out mean
+    (:func:`leave_one_out_baseline`), so its expectation is :math:`\\frac{N-1}{N} \\nabla_\\theta J`.
+
+    Args:
+        returns: floating-point tensor, finite, with at least one dim.
+        dim: the batch dim to average over.
+        mask: optional bool (or 0/1) tensor of ``returns``' shape; only True entries are averaged. Where a
+            slice has no True entry the baseline is 0.
+
+    Returns:
+        Tensor of ``returns``' shape and dtype.
+    """
+    returns = check.float_tensor(returns, "returns")
+    dim = check.batch_dim(dim, returns, "returns")
+    mask = check.mask_or_all(mask, returns, "returns")
+    v = torch.where(mask, returns, torch.zeros((), dtype=returns.dtype, device=returns.device))
+    count = mask.to(returns.dtype).sum(dim, keepdim=True)
+    mean = check.safe_ratio(v.sum(dim, keepdim=True), count, torch.zeros_like(count))
+    return mean.expand_as(returns).clone()
+
+
+def leave_one_out_baseline(returns: Tensor, dim: int = 0, *, mask: Tensor | None = None) -> Tensor:
+    """For each sample, the mean of ``returns`` over the *other* samples along ``dim``.
+
+    :math:`\\bar R_{-i} = \\frac{1}{N-1} \\sum_{j \\ne i} R_j`. For i.i.d. samples it is independent of sample
+    ``i``, so subtracting it leaves the gradient estimate unbiased (the "RLOO" baseline). With ``mask`` only
+    True entries count, and where no *other* entry of a slice is True the baseline is 0 (per-step means over
+    episodes of different lengths; chapter 6, §6.2).
+
+    Args:
+        returns: floating-point tensor, finite; its size along ``dim`` (the batch size) must be at least 2.
+        dim: the batch dim.
+        mask: optional bool (or 0/1) tensor of ``returns``' shape, True at real entries.
+
+    Returns:
+        Tensor of ``returns``' shape and dtype.
+    """
+    returns = check.float_tensor(returns, "returns")
+    dim = check.batch_dim(dim, returns, "returns")
+    if returns.shape[dim] < 2:
+        raise ValueError(f"returns must have at least 2 samples along dim {dim} for a leave-one-out mean, "
+                         f"got shape {list(returns.shape)}")
+    mask = check.mask_or_all(mask, returns, "returns")
+    v = torch.where(mask, returns, torch.zeros((), dtype=returns.dtype, device=returns.device))
+    m = mask.to(returns.dtype)
+    others_sum = v.sum(dim, keepdim=True) - v
+    others_count = m.sum(dim, keepdim=True) - m
+    return check.safe_ratio(others_sum, others_count, torch.zeros_like(others_sum))
+

@@ -1,14 +1,9 @@
-r"""Reward models from preferences, KL-shaped rewards, and PPO for a language model (RLHF).
+r"""KL-shaped rewards, the shared toy setting, and PPO for a language model (RLHF, chapter 11).
 
 The pipeline of Stiennon et al. and InstructGPT, small enough to run on a CPU in seconds:
 
-1. **Preferences -> a reward model.** Under the Bradley-Terry model a rater prefers response :math:`y_1` to
-   :math:`y_2` with probability :math:`\sigma(r(x, y_1) - r(x, y_2))`. :func:`bradley_terry_loss` is the negative
-   log-likelihood of the observed choices, :func:`kwise_ranking_loss` InstructGPT's version for :math:`K` ranked
-   responses per prompt (all :math:`\binom K2` pairs, averaged per prompt). :class:`ScalarModel` is a
-   :class:`~rl4llm.lm.TinyLM` backbone with a scalar head; :meth:`ScalarModel.score` reads it at the last token of
-   a completion (a reward model), :meth:`ScalarModel.values` at every completion position (a value model).
-   :func:`train_reward_model` fits one to :class:`~rl4llm.tasks.PreferencePairs`.
+1. **Preferences -> a reward model.** :mod:`rl4llm.reward_model` (Bradley-Terry losses,
+   :class:`~rl4llm.reward_model.ScalarModel`, :func:`~rl4llm.reward_model.train_reward_model`).
 2. **A KL-shaped reward.** RLHF maximises :math:`\mathbb E_{y \sim \pi}[r(x, y)] - \beta\,\mathrm{KL}(\pi \,\|\,
    \pi_\mathrm{ref})`. :func:`kl_shaped_rewards` spreads the sequence-level reward :math:`R = r - \beta \log
    \pi(y \mid x) / \pi_\mathrm{ref}(y \mid x)` over the tokens: :math:`-\beta \log(\pi/\pi_\mathrm{ref})` at every
@@ -16,7 +11,7 @@ The pipeline of Stiennon et al. and InstructGPT, small enough to run on a CPU in
    :math:`R` exactly (:func:`sequence_kl_shaped_reward`).
 3. **PPO.** :func:`ppo_lm` samples completions with :func:`rl4llm.lm.sample`, shapes the rewards, computes GAE
    (:func:`rl4llm.returns.gae`, :math:`\gamma = 1`, padded positions masked) with a separate value model, and takes
-   several epochs of clipped policy and value updates (:mod:`rl4llm.ppo`) against a frozen reference.
+   several epochs of clipped policy and value updates (:mod:`rl4llm.surrogate`) against a frozen reference.
 
 The shared toy setting (:func:`make_setting`): prompts ask to copy four digits (:class:`~rl4llm.tasks.CopyTask`),
 the reference policy is warm-started to copy them (imperfectly), and a hidden "true" reward :class:`DigitGain`
@@ -41,24 +36,19 @@ from dataclasses import dataclass, field
 from numbers import Real
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rl4llm import _validate as check
 from rl4llm.kl import ESTIMATORS, per_token_kl
-from rl4llm.lm import TinyLM, TinyLMConfig, _check_ids, _check_mask, sample, token_logprobs
-from rl4llm.ppo import normalize_advantages, policy_loss, value_loss
+from rl4llm.lm import TinyLM, TinyLMConfig, last_index, sample, token_logprobs
 from rl4llm.returns import gae
+from rl4llm.reward_model import ScalarModel
+from rl4llm.surrogate import normalize_advantages, policy_loss, value_loss
 from rl4llm.tasks import CopyTask, PreferencePairs, Task, preference_pairs, supervised_warmstart
 
 __all__ = [
-    "bradley_terry_loss",
-    "kwise_ranking_loss",
     "kl_shaped_rewards",
     "sequence_kl_shaped_reward",
-    "ScalarModel",
-    "RewardModelHistory",
-    "train_reward_model",
-    "preference_accuracy",
     "DigitGain",
     "RLHFSetting",
     "REFERENCE_CONFIG",
@@ -75,146 +65,23 @@ RewardFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Input checks
-# ----------------------------------------------------------------------------------------------------------
-def _acc_dtype(*xs: Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-
-
-def _check_float(name: str, x, shape: str, dim: int | None = None) -> Tensor:
-    """Raise ValueError unless ``x`` is a non-empty, finite floating-point tensor (with ``dim`` dims)."""
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        got = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a floating-point {shape} tensor, got {got}")
-    if dim is not None and x.dim() != dim:
-        raise ValueError(f"{name} must be a {shape} tensor, got shape {tuple(x.shape)}")
-    if x.numel() == 0:
-        raise ValueError(f"{name} must be a non-empty {shape} tensor, got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return x
-
-
-def _check_nonneg(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not (0.0 <= float(value) < math.inf):
-        raise ValueError(f"{name} must be a finite real number >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_pos_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Bradley-Terry losses
-# ----------------------------------------------------------------------------------------------------------
-def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, *, reduction: str = "mean") -> Tensor:
-    r"""Negative log-likelihood of preferences under the Bradley-Terry model, :math:`-\log \sigma(r_w - r_l)`.
-
-    With :math:`d = r(x, y_w) - r(x, y_l)`, the loss is :math:`-\log\sigma(d) = \log(1 + e^{-d})`, computed as
-    ``-logsigmoid(d)``: finite for any finite ``d`` (about ``|d|`` for ``d`` very negative, about ``e^{-d}`` for
-    ``d`` very positive) where ``log(sigmoid(d))`` would return ``-inf``. Its derivative in ``d`` is
-    :math:`-\sigma(-d)`. Adding the same number to both rewards of a pair (a per-prompt shift) changes nothing.
-
-    Args:
-        chosen_rewards: ``[...]`` rewards of the preferred responses (any float dtype; 16-bit is upcast).
-        rejected_rewards: ``[...]`` rewards of the other responses, same shape.
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (the per-pair losses).
-
-    Returns:
-        the loss, float32 (float64 for float64 inputs): a scalar, or ``[...]`` for ``reduction="none"``.
-
-    Raises:
-        ValueError: non-float, empty or non-finite inputs, shapes that differ, an unknown ``reduction``.
-    """
-    _check_float("chosen_rewards", chosen_rewards, "[...]")
-    _check_float("rejected_rewards", rejected_rewards, "[...]")
-    if chosen_rewards.shape != rejected_rewards.shape:
-        raise ValueError(f"rejected_rewards must have the shape of chosen_rewards, {tuple(chosen_rewards.shape)}, "
-                         f"got {tuple(rejected_rewards.shape)}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    acc = _acc_dtype(chosen_rewards, rejected_rewards)
-    losses = 0.0 - F.logsigmoid(chosen_rewards.to(acc) - rejected_rewards.to(acc))  # 0.0 - x: +0, never -0
-    if reduction == "none":
-        return losses
-    return losses.mean() if reduction == "mean" else losses.sum()
-
-
-def kwise_ranking_loss(rewards_ranked: Tensor, mask: Tensor | None = None) -> Tensor:
-    r"""InstructGPT's reward-model loss for ``K`` ranked responses per prompt.
-
-    Row ``b`` holds the rewards of ``K`` responses to one prompt, best first: ``rewards_ranked[b, i]`` is preferred
-    to ``rewards_ranked[b, j]`` whenever ``i < j``. The loss of a prompt is the mean Bradley-Terry loss over its
-    :math:`\binom{K}{2}` pairs,
-
-    .. math:: \ell_b = -\binom{K}{2}^{-1} \sum_{i < j} \log \sigma(r_{b,i} - r_{b,j}),
-
-    and the result is the mean of :math:`\ell_b` over prompts: every prompt weighs the same, however many pairs
-    it contributes (InstructGPT puts all pairs of a prompt in one batch element for this reason: treated as
-    independent samples, the correlated pairs of one prompt overfit).
-
-    Args:
-        rewards_ranked: ``[B, K]`` rewards, ``K >= 2``, each row sorted from most to least preferred.
-        mask: optional ``[B, K]`` 0/1; 0 marks a missing response (prompts with fewer than ``K``). Row ``b`` then
-            uses its ``K_b`` valid responses, in their order, and is normalised by :math:`\binom{K_b}{2}`;
-            every row needs at least two.
-
-    Returns:
-        scalar loss, float32 (float64 for float64 inputs).
-
-    Raises:
-        ValueError: bad shapes, non-finite values (at valid positions), a mask not 0/1 or with a row of fewer
-            than two responses.
-    """
-    if not isinstance(rewards_ranked, Tensor) or not rewards_ranked.is_floating_point() or rewards_ranked.dim() != 2:
-        got = tuple(rewards_ranked.shape) if isinstance(rewards_ranked, Tensor) else type(rewards_ranked).__name__
-        raise ValueError(f"rewards_ranked must be a floating-point [B, K] tensor, got {got}")
-    B, K = rewards_ranked.shape
-    if B == 0 or K < 2:
-        raise ValueError(f"rewards_ranked must be [B, K] with B >= 1 and K >= 2, got {(B, K)}")
-    keep = torch.ones(B, K, dtype=torch.bool, device=rewards_ranked.device) if mask is None else \
-        _check_mask("mask", mask, rewards_ranked.shape, "[B, K]").to(rewards_ranked.device)
-    if not bool(torch.isfinite(rewards_ranked[keep]).all()):
-        raise ValueError("rewards_ranked contains NaN or infinite values")
-    counts = keep.sum(dim=1)
-    if bool((counts < 2).any()):
-        raise ValueError("mask [B, K] must keep at least two responses in every row (a pair needs two)")
-    acc = _acc_dtype(rewards_ranked)
-    r = rewards_ranked.to(acc)
-    d = r[:, :, None] - r[:, None, :]  # [B, K, K]: d[b, i, j] = r_i - r_j
-    upper = torch.ones(K, K, dtype=torch.bool, device=r.device).triu(diagonal=1)  # i < j
-    pairs = upper & keep[:, :, None] & keep[:, None, :]
-    nll = torch.where(pairs, 0.0 - F.logsigmoid(d), torch.zeros((), dtype=acc, device=r.device))
-    n_pairs = (counts * (counts - 1) // 2).to(acc)
-    return (nll.sum(dim=(1, 2)) / n_pairs).mean()
-
-
-# ----------------------------------------------------------------------------------------------------------
 # KL-shaped rewards
 # ----------------------------------------------------------------------------------------------------------
-def _last_index(keep: Tensor) -> Tensor:
-    """``[B]`` index of the last True entry of each row of ``keep [B, T]`` (every row has one)."""
-    T = keep.shape[-1]
-    pos = torch.arange(T, device=keep.device).expand(keep.shape)
-    return torch.where(keep, pos, torch.full_like(pos, -1)).max(dim=-1).values
 
 
 def _check_shaping_inputs(scores, logp, logp_ref, mask, beta) -> tuple[Tensor, float]:
-    _check_float("logp", logp, "[B, T]", dim=2)
-    _check_float("logp_ref", logp_ref, "[B, T]", dim=2)
+    check.float_nonempty(logp, "logp", "[B, T]", dim=2)
+    check.float_nonempty(logp_ref, "logp_ref", "[B, T]", dim=2)
     if logp_ref.shape != logp.shape:
         raise ValueError(f"logp_ref must have the shape of logp, {tuple(logp.shape)}, got {tuple(logp_ref.shape)}")
-    _check_float("scores", scores, "[B]", dim=1)
+    check.float_nonempty(scores, "scores", "[B]", dim=1)
     if scores.shape[0] != logp.shape[0]:
         raise ValueError(f"scores must be [B] = ({logp.shape[0]},), got {tuple(scores.shape)}")
-    keep = _check_mask("mask", mask, logp.shape, "[B, T]").to(logp.device)
+    keep = check.token_mask("mask", mask, logp.shape, "[B, T]").to(logp.device)
     if not bool(keep.any(dim=1).all()):
         rows = (~keep.any(dim=1)).nonzero().flatten().tolist()
         raise ValueError(f"mask [B, T] has rows with no tokens (rows {rows[:8]}): a reward needs a last token")
-    return keep, _check_nonneg("beta", beta)
+    return keep, check.nonneg_real(beta, "beta")
 
 
 def kl_shaped_rewards(scores: Tensor, logp: Tensor, logp_ref: Tensor, mask: Tensor, *, beta: float,
@@ -248,10 +115,10 @@ def kl_shaped_rewards(scores: Tensor, logp: Tensor, logp_ref: Tensor, mask: Tens
     keep, beta = _check_shaping_inputs(scores, logp, logp_ref, mask, beta)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {estimator!r}")
-    acc = _acc_dtype(scores, logp, logp_ref)
+    acc = check.accumulation_dtype(scores, logp, logp_ref)
     kl_t = per_token_kl(logp.to(acc), logp_ref.to(acc), keep, estimator=estimator)  # [B, T], 0 on padding
     rewards = torch.where(keep, -beta * kl_t, torch.zeros((), dtype=kl_t.dtype, device=kl_t.device))
-    last = _last_index(keep)
+    last = last_index(keep)
     return rewards.scatter_add(1, last[:, None], scores.to(device=rewards.device, dtype=acc)[:, None])
 
 
@@ -269,7 +136,7 @@ def sequence_kl_shaped_reward(scores: Tensor, logp: Tensor, logp_ref: Tensor, ma
         ``[B]`` rewards, float32 (float64 for float64 inputs).
     """
     keep, beta = _check_shaping_inputs(scores, logp, logp_ref, mask, beta)
-    acc = _acc_dtype(scores, logp, logp_ref)
+    acc = check.accumulation_dtype(scores, logp, logp_ref)
     zero = torch.zeros((), dtype=acc, device=logp.device)
     log_ratio = torch.where(keep, logp.to(acc) - logp_ref.to(acc), zero).sum(dim=1)
     return scores.to(device=logp.device, dtype=acc) - beta * log_ratio
@@ -278,199 +145,11 @@ def sequence_kl_shaped_reward(scores: Tensor, logp: Tensor, logp_ref: Tensor, ma
 # ----------------------------------------------------------------------------------------------------------
 # A transformer with a scalar head: reward model and value model
 # ----------------------------------------------------------------------------------------------------------
-class ScalarModel(nn.Module):
-    """A :class:`~rl4llm.lm.TinyLM` backbone with a linear scalar head: ``ids [B, T] -> [B, T]``.
-
-    ``forward(ids)[b, t]`` is a number computed from ``ids[b, :t+1]`` (causal attention). Used two ways:
-
-    - as a **reward model**, :meth:`score` reads it at the last valid token of each completion;
-    - as a **value model**, :meth:`values` reads it at the position before each completion token, i.e. on the
-      state :math:`s_t = (x, y_{<t})` in which token :math:`y_t` is chosen.
-
-    The backbone's output head (``lm_head``) is not used. :meth:`from_lm` copies the weights of a trained
-    :class:`~rl4llm.lm.TinyLM`, which is how InstructGPT initialises its reward model (from the supervised model)
-    and Stiennon et al. their value model (from the reward model).
-
-    Args:
-        cfg: the size of the backbone.
-    """
-
-    def __init__(self, cfg: TinyLMConfig):
-        super().__init__()
-        self.config = cfg
-        self.backbone = TinyLM(cfg)
-        self.head = nn.Linear(cfg.d_model, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    @classmethod
-    def from_lm(cls, lm: nn.Module) -> ScalarModel:
-        """A new model whose backbone is a copy of ``lm``'s weights (a :class:`TinyLM` or a :class:`ScalarModel`).
-
-        The head is copied too from a :class:`ScalarModel`, and starts at zero (every output 0) from a TinyLM.
-        """
-        src = lm.backbone if isinstance(lm, ScalarModel) else lm
-        if not isinstance(src, TinyLM):
-            raise ValueError(f"lm must be a TinyLM or a ScalarModel, got {type(lm).__name__}")
-        p = next(src.parameters())
-        model = cls(src.config).to(device=p.device, dtype=p.dtype)
-        model.backbone.load_state_dict(src.state_dict())
-        if isinstance(lm, ScalarModel):
-            model.head.load_state_dict(lm.head.state_dict())
-        return model
-
-    def forward(self, ids: Tensor) -> Tensor:
-        """Scalar outputs at every position.
-
-        Args:
-            ids: ``[B, T]`` token ids.
-
-        Returns:
-            ``[B, T]`` float32 outputs (``ids[b, :t+1]`` determines entry ``t``).
-        """
-        bb, cfg = self.backbone, self.config
-        _check_ids("ids", ids, vocab_size=cfg.vocab_size)
-        if ids.shape[1] > cfg.max_len:
-            raise ValueError(f"ids must be [B, T] with T <= max_len={cfg.max_len}, got shape {tuple(ids.shape)}")
-        x = bb.drop(bb.wte(ids) + bb.wpe(torch.arange(ids.shape[1], device=ids.device)))
-        for block in bb.blocks:
-            x = block(x)
-        return self.head(bb.ln_f(x)).squeeze(-1).float()
-
-    def _run(self, prompts: Tensor, completions: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        _check_ids("prompts", prompts, vocab_size=self.config.vocab_size, shape="[B, P]")
-        _check_ids("completions", completions, vocab_size=self.config.vocab_size, shape="[B, L]")
-        if completions.shape[0] != prompts.shape[0]:
-            raise ValueError(f"completions must be [B, L] with B = prompts.shape[0] = {prompts.shape[0]}, "
-                             f"got shape {tuple(completions.shape)}")
-        keep = _check_mask("mask", mask, completions.shape, "[B, L]").to(prompts.device)
-        if not bool(keep.any(dim=1).all()):
-            raise ValueError("mask [B, L] has an all-zero row: every completion needs a token")
-        out = self(torch.cat([prompts, completions.to(prompts.device)], dim=1))  # [B, P + L]
-        return out, keep
-
-    def score(self, prompts: Tensor, completions: Tensor, mask: Tensor) -> Tensor:
-        """Reward-model score of each completion: the output at its last valid token.
-
-        Args:
-            prompts: ``[B, P]`` prompt ids.
-            completions: ``[B, L]`` completion ids (right-padded).
-            mask: ``[B, L]`` 0/1, 1 on the completion's tokens; no empty rows.
-
-        Returns:
-            ``[B]`` float32 scores (differentiable).
-        """
-        out, keep = self._run(prompts, completions, mask)
-        idx = prompts.shape[1] + _last_index(keep)
-        return out.gather(1, idx[:, None]).squeeze(1)
-
-    def values(self, prompts: Tensor, completions: Tensor, mask: Tensor) -> Tensor:
-        r"""Value of the state before each completion token, :math:`V(x, y_{<t})`, 0 on padding.
-
-        Args: as for :meth:`score`.
-
-        Returns:
-            ``[B, L]`` float32 values (differentiable), exactly 0 where ``mask`` is 0.
-        """
-        out, keep = self._run(prompts, completions, mask)
-        P, L = prompts.shape[1], completions.shape[1]
-        v = out[:, P - 1:P - 1 + L]
-        return torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Training a reward model on preference pairs
 # ----------------------------------------------------------------------------------------------------------
-@dataclass
-class RewardModelHistory:
-    """What :func:`train_reward_model` did.
-
-    Attributes:
-        loss: mean Bradley-Terry loss of each minibatch step.
-        train_accuracy: share of training pairs ordered correctly after each epoch.
-        seconds: wall-clock time.
-    """
-
-    loss: list[float] = field(default_factory=list)
-    train_accuracy: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-def _pair_scores(rm: ScalarModel, pairs: PreferencePairs, idx: Tensor | slice) -> tuple[Tensor, Tensor]:
-    """Scores of the chosen and rejected responses of the pairs ``idx``, in one forward pass."""
-    x = pairs.prompts[idx]
-    ids = torch.cat([pairs.chosen[idx], pairs.rejected[idx]])
-    masks = torch.cat([pairs.chosen_mask[idx], pairs.rejected_mask[idx]])
-    s = rm.score(x.repeat(2, 1), ids, masks)
-    n = x.shape[0]
-    return s[:n], s[n:]
-
-
-@torch.no_grad()
-def preference_accuracy(rm: ScalarModel, pairs: PreferencePairs, *, batch_size: int = 1024) -> float:
-    """Share of pairs whose chosen response the reward model scores higher (ties count one half).
-
-    Args:
-        rm: the reward model.
-        pairs: labelled pairs.
-        batch_size: pairs per forward pass.
-
-    Returns:
-        accuracy in ``[0, 1]``.
-    """
-    _check_pos_int("batch_size", batch_size)
-    n, correct = pairs.prompts.shape[0], 0.0
-    for start in range(0, n, batch_size):
-        c, r = _pair_scores(rm, pairs, slice(start, start + batch_size))
-        correct += float((c > r).sum()) + 0.5 * float((c == r).sum())
-    return correct / n
-
-
-def train_reward_model(rm: ScalarModel, pairs: PreferencePairs, *, epochs: int = 4, batch_size: int = 64,
-                       lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0) -> RewardModelHistory:
-    """Fit a reward model to preference pairs by minimising :func:`bradley_terry_loss` with AdamW.
-
-    Each epoch visits the pairs in a fresh random order (from ``seed``), ``batch_size`` at a time; the chosen and
-    rejected responses of a minibatch go through the model in one batch.
-
-    Args:
-        rm: the model, trained in place (on the device of its parameters; ``pairs`` must be there too).
-        pairs: :class:`~rl4llm.tasks.PreferencePairs`.
-        epochs: passes over the data.
-        batch_size: pairs per step.
-        lr: learning rate.
-        weight_decay: AdamW weight decay.
-        seed: seeds the order of the pairs.
-
-    Returns:
-        a :class:`RewardModelHistory`.
-    """
-    _check_pos_int("epochs", epochs)
-    _check_pos_int("batch_size", batch_size)
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
-    _check_nonneg("weight_decay", weight_decay)
-    if not isinstance(pairs, PreferencePairs):
-        raise ValueError(f"pairs must be PreferencePairs, got {type(pairs).__name__}")
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
-    history = RewardModelHistory()
-    start = time.perf_counter()
-    n = pairs.prompts.shape[0]
-    rm.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen).to(pairs.prompts.device)
-        for b in range(0, n, batch_size):
-            c, r = _pair_scores(rm, pairs, order[b:b + batch_size])
-            loss = bradley_terry_loss(c, r)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            history.loss.append(loss.item())
-        history.train_accuracy.append(preference_accuracy(rm, pairs))
-    rm.eval()
-    history.seconds = time.perf_counter() - start
-    return history
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -519,12 +198,12 @@ class DigitGain:
                 not of the form tag, ``n`` digits, ``=``.
         """
         V = self.task.tokenizer.vocab_size
-        _check_ids("prompt_ids", prompt_ids, vocab_size=V, shape="[B, P]")
-        _check_ids("completion_tokens", completion_tokens, vocab_size=V, shape="[B, L]")
+        check.ids("prompt_ids", prompt_ids, vocab_size=V, shape="[B, P]")
+        check.ids("completion_tokens", completion_tokens, vocab_size=V, shape="[B, L]")
         if completion_tokens.shape[0] != prompt_ids.shape[0]:
             raise ValueError(f"completion_tokens must be [B, L] with B = {prompt_ids.shape[0]}, "
                              f"got {tuple(completion_tokens.shape)}")
-        keep = _check_mask("completion_mask", completion_mask, completion_tokens.shape, "[B, L]")
+        keep = check.token_mask("completion_mask", completion_mask, completion_tokens.shape, "[B, L]")
         n = self.n
         if prompt_ids.shape[1] != n + 3:
             raise ValueError(f"prompt_ids must be [B, {n + 3}] (<bos>, a tag, {n} digits, '='), "
@@ -580,7 +259,7 @@ def make_setting(seed: int = 0, *, n_digits: int = 4, warmstart_steps: int = 120
     Returns:
         an :class:`RLHFSetting`.
     """
-    _check_pos_int("warmstart_steps", warmstart_steps)
+    check.positive_int("warmstart_steps", warmstart_steps)
     task = CopyTask(n_digits)
     cfg = TinyLMConfig(vocab_size=task.tokenizer.vocab_size, **REFERENCE_CONFIG)
     if task.prompt_len + task.max_new_tokens > cfg.max_len:
@@ -612,7 +291,7 @@ def preference_data(setting: RLHFSetting, n: int, *, seed: int, split: str = "tr
     Returns:
         :class:`~rl4llm.tasks.PreferencePairs` on the reference's device.
     """
-    _check_pos_int("n", n)
+    check.positive_int("n", n)
     task, ref = setting.task, setting.reference
     gen = torch.Generator().manual_seed(seed)
     x = task.encode_prompts(task.sample_prompts(n, generator=gen, split=split), device=_model_device(ref))
@@ -676,7 +355,7 @@ def evaluate_policy(policy: nn.Module, reference: nn.Module, task: Task, true_re
     Returns:
         a :class:`PolicyEval`.
     """
-    _check_pos_int("n", n)
+    check.positive_int("n", n)
     if n < 2:
         raise ValueError(f"n must be >= 2 for a standard error, got {n}")
     if estimator not in ("k1", "k3"):
@@ -742,7 +421,7 @@ def ppo_lm(policy: TinyLM, reference: nn.Module, reward_fn: RewardFn, task: Task
     3. computes advantages with :func:`rl4llm.returns.gae` (:math:`\gamma = 1`, the completion mask) from the
        value model's :math:`V(x, y_{<t})`, and value targets ``advantages + values``;
     4. takes ``epochs`` passes of ``minibatches`` minibatches each: the clipped policy loss
-       (:func:`rl4llm.ppo.policy_loss`, a flat mean over tokens, on whitened advantages) and the (clipped) value
+       (:func:`rl4llm.surrogate.policy_loss`, a flat mean over tokens, on whitened advantages) and the (clipped) value
        loss, each with its own Adam optimiser.
 
     The value model is separate from the policy (no shared trunk), so the value loss never moves the policy and
@@ -752,10 +431,12 @@ def ppo_lm(policy: TinyLM, reference: nn.Module, reward_fn: RewardFn, task: Task
     Args:
         policy: the policy, trained in place.
         reference: the reference policy (only read; pass :func:`rl4llm.lm.frozen_copy` of the start).
-        reward_fn: ``(prompts, tokens, mask) -> [B]``, e.g. a reward model's :meth:`ScalarModel.score`.
+        reward_fn: ``(prompts, tokens, mask) -> [B]``, e.g. a reward model's
+            :meth:`~rl4llm.reward_model.ScalarModel.score`.
         task: gives the prompts and ``max_new_tokens``.
         beta: KL coefficient, ``>= 0``.
-        value_model: the critic, trained in place; None: :meth:`ScalarModel.from_lm` of the policy (zero head).
+        value_model: the critic, trained in place; None: :meth:`~rl4llm.reward_model.ScalarModel.from_lm` of the
+            policy (zero head).
         true_reward: optional hidden reward, only measured (for :attr:`PPOHistory.true_reward`).
         iterations: rollout-and-update rounds.
         batch_size: completions per iteration.
@@ -774,18 +455,18 @@ def ppo_lm(policy: TinyLM, reference: nn.Module, reward_fn: RewardFn, task: Task
     Returns:
         a :class:`PPOHistory`.
     """
-    beta = _check_nonneg("beta", beta)
+    beta = check.nonneg_real(beta, "beta")
     for name, value in (("iterations", iterations), ("batch_size", batch_size), ("epochs", epochs),
                         ("minibatches", minibatches)):
-        _check_pos_int(name, value)
+        check.positive_int(name, value)
     if batch_size % minibatches:
         raise ValueError(f"minibatches={minibatches} must divide batch_size={batch_size}")
     for name, value in (("lr", lr), ("value_lr", value_lr)):
         if not (isinstance(value, Real) and value > 0):
             raise ValueError(f"{name} must be positive, got {value!r}")
-    _check_nonneg("clip_eps", clip_eps)
+    check.nonneg_real(clip_eps, "clip_eps")
     if value_clip is not None:
-        _check_nonneg("value_clip", value_clip)
+        check.nonneg_real(value_clip, "value_clip")
     if max_grad_norm is not None and not (isinstance(max_grad_norm, Real) and max_grad_norm > 0):
         raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm!r}")
     if kl_estimator not in ESTIMATORS:

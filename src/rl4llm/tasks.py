@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rl4llm.lm import _check_ids, _check_mask, sample, token_logprobs
+from rl4llm import _validate as check
+from rl4llm.lm import sample, token_logprobs
 
 __all__ = [
     "CharTokenizer",
@@ -129,10 +130,10 @@ class CharTokenizer:
 
     def decode_batch(self, ids: Tensor, mask: Tensor | None = None) -> list[str]:
         """Decode each row of ``ids [B, T]``, keeping only positions where ``mask [B, T]`` is 1 (if given)."""
-        _check_ids("ids", ids, vocab_size=self.vocab_size)
+        check.ids("ids", ids, vocab_size=self.vocab_size)
         if mask is None:
             mask = torch.ones_like(ids)
-        keep = _check_mask("mask", mask, ids.shape, "[B, T]")
+        keep = check.token_mask("mask", mask, ids.shape, "[B, T]")
         ids, keep = ids.cpu(), keep.cpu()
         return [self.decode(row[k]) for row, k in zip(ids, keep, strict=True)]
 
@@ -266,12 +267,12 @@ class Task(ABC):
                 that is not a prompt of this task.
         """
         V = self.tokenizer.vocab_size
-        _check_ids("prompt_ids", prompt_ids, vocab_size=V, shape="[B, P]")
-        _check_ids("completion_tokens", completion_tokens, vocab_size=V, shape="[B, L]")
+        check.ids("prompt_ids", prompt_ids, vocab_size=V, shape="[B, P]")
+        check.ids("completion_tokens", completion_tokens, vocab_size=V, shape="[B, L]")
         if completion_tokens.shape[0] != prompt_ids.shape[0]:
             raise ValueError(f"completion_tokens must be [B, L] with B = {prompt_ids.shape[0]}, "
                              f"got {tuple(completion_tokens.shape)}")
-        keep = _check_mask("completion_mask", completion_mask, completion_tokens.shape, "[B, L]")
+        keep = check.token_mask("completion_mask", completion_mask, completion_tokens.shape, "[B, L]")
         prompts = self.decode_prompts(prompt_ids)
         tokens, keep = completion_tokens.cpu(), keep.cpu()
         r = [float(row[k].tolist() == self.tokenizer.encode(self.answer(p), eos=True))
@@ -523,14 +524,14 @@ def preference_pairs(reward_fn: RewardFn, prompts: Tensor, first: Tensor, first_
     Raises:
         ValueError: shapes that do not match ``[B, P]`` / ``[B, L]``, an empty response, a negative ``scale``.
     """
-    _check_ids("prompts", prompts, shape="[B, P]")
+    check.ids("prompts", prompts, shape="[B, P]")
     B = prompts.shape[0]
     masks = []
     for name, ids, mask in (("first", first, first_mask), ("second", second, second_mask)):
-        _check_ids(name, ids, shape="[B, L]")
+        check.ids(name, ids, shape="[B, L]")
         if ids.shape != first.shape or ids.shape[0] != B:
             raise ValueError(f"{name} must be [B, L] = ({B}, {first.shape[1]}), got {tuple(ids.shape)}")
-        keep = _check_mask(f"{name}_mask", mask, ids.shape, "[B, L]")
+        keep = check.token_mask(f"{name}_mask", mask, ids.shape, "[B, L]")
         if not keep.any(dim=1).all():
             raise ValueError(f"{name}_mask [B, L] has an all-zero row; every response needs a token")
         masks.append(keep.float())

@@ -36,7 +36,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rl4llm.ppo import categorical_kl, normalize_advantages
+from rl4llm.actor_critic import rollout_advantages
+from rl4llm.device import get_device, seed_everything
+from rl4llm.envs import RolloutCollector, check_env, make_vector_env
+from rl4llm.kl import categorical_kl
+from rl4llm.nets import PolicyNet, ValueNet
+from rl4llm.returns import check_gamma
+from rl4llm.surrogate import normalize_advantages, value_loss
 
 __all__ = [
     "LineSearchResult",
@@ -284,6 +290,11 @@ def backtracking_line_search(surrogate: Callable[[Tensor], float], kl: Callable[
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _categorical_kl_logits(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """:func:`rl4llm.kl.categorical_kl` of the categoricals with logits ``[..., A]``."""
+    return categorical_kl(torch.log_softmax(logits_p, -1), torch.log_softmax(logits_q, -1))
+
+
 @dataclass(frozen=True)
 class TRPOStats:
     """Diagnostics of one :func:`trpo_update`.
@@ -316,7 +327,7 @@ def trpo_update(policy: nn.Module, obs: Tensor, actions: Tensor, advantages: Ten
 
     Args:
         policy: a module mapping observations ``[M, obs_dim]`` to logits ``[M, A]``
-            (:class:`~rl4llm.pg.PolicyNet`); it must be the policy that sampled the batch.
+            (:class:`~rl4llm.nets.PolicyNet`); it must be the policy that sampled the batch.
         obs: ``[M, obs_dim]`` observations.
         actions: ``[M]`` integer actions.
         advantages: ``[M]`` advantage estimates (normalise them beforehand if wanted).
@@ -363,12 +374,12 @@ def trpo_update(policy: nn.Module, obs: Tensor, actions: Tensor, advantages: Ten
 
     def kl_at(x: Tensor) -> float:
         with torch.no_grad():
-            return float(categorical_kl(logits_old, logits_at(x)).mean())
+            return float(_categorical_kl_logits(logits_old, logits_at(x)).mean())
 
     logits = policy(obs)
     logp = torch.log_softmax(logits, -1).gather(-1, actions[:, None]).squeeze(-1)
     g = flat_grad((torch.exp(logp - logp_old) * adv).mean(), params, retain_graph=True)
-    fvp = fisher_vector_product(categorical_kl(logits_old, logits).mean(), params, damping=damping)
+    fvp = fisher_vector_product(_categorical_kl_logits(logits_old, logits).mean(), params, damping=damping)
     step, predicted = natural_step(g, fvp, max_kl=max_kl, cg_iters=cg_iters)
     x, result = backtracking_line_search(surrogate_at, kl_at, x0, step, max_kl=max_kl, backtrack=backtrack,
                                          max_backtracks=max_backtracks)
@@ -379,7 +390,7 @@ def trpo_update(policy: nn.Module, obs: Tensor, actions: Tensor, advantages: Ten
         logits_new = policy(obs)
         logp_new = torch.log_softmax(logits_new, -1).gather(-1, actions[:, None]).squeeze(-1)
         log_r = logp_new - logp_old
-        kl_exact = float(categorical_kl(logits_old, logits_new).mean())
+        kl_exact = float(_categorical_kl_logits(logits_old, logits_new).mean())
     return TRPOStats(predicted_improvement=predicted, line_search=result, kl_exact=kl_exact,
                      approx_kl_k1=float((-log_r).mean()), approx_kl_k3=float((torch.expm1(log_r) - log_r).mean()),
                      grad_norm=float(g.norm()))
@@ -390,10 +401,10 @@ def trpo(env_id: str = "CartPole-v1", *, num_envs: int = 8, num_steps: int = 256
          max_backtracks: int = 10, gamma: float = 0.99, lam: float = 0.95, value_lr: float = 2.5e-3,
          value_epochs: int = 5, value_minibatches: int = 4, hidden: int | tuple[int, ...] = 64, seed: int = 0,
          device: str | torch.device | None = None, log_every: int | None = None) -> dict:
-    r"""Train a :class:`~rl4llm.pg.PolicyNet` with TRPO and a :class:`~rl4llm.baselines.ValueNet` critic.
+    r"""Train a :class:`~rl4llm.nets.PolicyNet` with TRPO and a :class:`~rl4llm.nets.ValueNet` critic.
 
     Each iteration collects ``num_steps`` steps of ``num_envs`` environments
-    (:class:`~rl4llm.actor_critic.RolloutCollector`), computes GAE advantages with the current critic
+    (:class:`~rl4llm.envs.RolloutCollector`), computes GAE advantages with the current critic
     (:func:`~rl4llm.actor_critic.rollout_advantages`), normalises them over the batch, takes one :func:`trpo_update`
     of the policy on the whole batch, and then fits the critic to the :math:`\lambda`-returns with
     ``value_epochs`` passes of Adam in ``value_minibatches`` minibatches.
@@ -417,15 +428,6 @@ def trpo(env_id: str = "CartPole-v1", *, num_envs: int = 8, num_steps: int = 256
         ``"line_search_index"`` (-1: no step accepted), ``"predicted_improvement"``, ``"actual_improvement"``;
         and the trained ``"policy"`` and ``"value"``.
     """
-    import gymnasium as gym
-
-    from rl4llm.actor_critic import RolloutCollector, rollout_advantages
-    from rl4llm.baselines import ValueNet
-    from rl4llm.device import get_device, seed_everything
-    from rl4llm.pg import PolicyNet, _env_sizes
-    from rl4llm.ppo import value_loss
-    from rl4llm.returns import check_gamma
-
     if not isinstance(env_id, str):
         raise ValueError(f"env_id must be a gymnasium environment id (str), got {env_id!r}")
     for name, v in (("num_envs", num_envs), ("num_steps", num_steps), ("total_steps", total_steps),
@@ -447,9 +449,9 @@ def trpo(env_id: str = "CartPole-v1", *, num_envs: int = 8, num_steps: int = 256
     device = get_device(None if device is None else str(device))
 
     seed_everything(seed)
-    env = gym.make_vec(env_id, num_envs=num_envs)
+    env = make_vector_env(env_id, num_envs)
     try:
-        obs_dim, n_actions = _env_sizes(env)
+        obs_dim, n_actions, _ = check_env(env)
         policy = PolicyNet(obs_dim, n_actions, hidden).to(device)
         value = ValueNet(obs_dim, hidden).to(device)
         value_opt = torch.optim.Adam(value.parameters(), lr=value_lr, eps=1e-5)
