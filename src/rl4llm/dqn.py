@@ -14,7 +14,8 @@ module, read top to bottom:
 4. :func:`tabular_control` (Q-learning, SARSA, Expected SARSA, double Q-learning) and
    :func:`synchronous_q_learning`, each vectorised over independent runs (section 4.2);
 5. :class:`DQNConfig`, :class:`DQNHistory`, :func:`dqn` -- DQN and Double DQN on a gymnasium environment with a
-   discrete action space (section 4.4).
+   discrete action space (section 4.4), with the network :class:`rl4llm.nets.QNet`, the buffer
+   :class:`rl4llm.envs.ReplayBuffer` and the evaluation :func:`rl4llm.envs.evaluate_q`.
 
 Conventions: batches are ``[B]`` for per-sample quantities and ``[B, A]`` for action values; ``terminated`` is the
 environment's termination flag only (a time-limit truncation bootstraps); tabular action values are
@@ -29,19 +30,18 @@ import time
 from dataclasses import dataclass, field
 from numbers import Real
 
-import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rl4llm.envs import ReplayBuffer, check_env
+from rl4llm.envs import ReplayBuffer, evaluate_q, make_env
 from rl4llm.nets import QNet
 
 __all__ = [
     "dqn_targets", "q_regression_loss", "dueling", "epsilon_greedy_probs", "linear_epsilon",
     "TABULAR_METHODS", "TabularHistory", "tabular_control", "synchronous_q_learning",
-    "greedy_return", "DQNConfig", "DQNHistory", "dqn",
+    "DQNConfig", "DQNHistory", "dqn",
 ]
 
 TABULAR_METHODS = ("q_learning", "sarsa", "expected_sarsa", "double_q_learning")
@@ -443,31 +443,6 @@ def synchronous_q_learning(mdp, sweeps: int, *, runs: int = 1, step_power: float
 # 5. DQN on a gymnasium environment
 # ----------------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def greedy_return(q: QNet, env_id: str = "CartPole-v1", *, episodes: int = 10, seed: int = 0) -> float:
-    """Mean undiscounted return of the greedy policy :math:`\\arg\\max_a Q(s, a)` over ``episodes`` episodes.
-
-    The episodes run side by side in a vector environment seeded with ``seed`` (sub-environment ``i`` gets
-    ``seed + i``); each counts up to its first end (termination or truncation).
-    """
-    episodes = _positive_int(episodes, "episodes")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    env = gym.make_vec(env_id, num_envs=episodes)
-    try:
-        obs, _ = env.reset(seed=seed)
-        total = np.zeros(episodes)
-        running = np.ones(episodes, dtype=bool)
-        while running.any():
-            actions = q(torch.as_tensor(obs, dtype=torch.float32)).argmax(dim=-1).numpy()
-            obs, r, term, trunc, _ = env.step(actions)
-            total += r * running
-            running &= ~(term | trunc)
-    finally:
-        env.close()
-    return float(total.mean())
-
-
 @dataclass
 class DQNConfig:
     """Settings of :func:`dqn`; the defaults are chapter 4's CartPole run (rl-zoo's schedule, a [128, 128] net).
@@ -587,8 +562,8 @@ def dqn(config: DQNConfig | None = None) -> DQNHistory:
         raise TypeError(f"config must be a DQNConfig, got {type(cfg).__name__}")
     t0 = time.process_time()
     torch.manual_seed(cfg.seed)
-    env = gym.make(cfg.env_id)
-    obs_dim, n_actions, _ = check_env(gym.vector.SyncVectorEnv([lambda: gym.make(cfg.env_id)]))
+    env = make_env(cfg.env_id)
+    obs_dim, n_actions = int(env.observation_space.shape[0]), int(env.action_space.n)
     q = QNet(obs_dim, n_actions, cfg.hidden, dueling=cfg.dueling)
     target = copy.deepcopy(q).requires_grad_(False)
     opt = torch.optim.Adam(q.parameters(), lr=cfg.lr)
@@ -644,7 +619,7 @@ def dqn(config: DQNConfig | None = None) -> DQNHistory:
                 hist.loss_steps.append(step)
                 hist.losses.append(total / cfg.gradient_steps)
             if step >= cfg.learning_starts and step % cfg.eval_every == 0:
-                ret = greedy_return(q, cfg.env_id, episodes=cfg.eval_episodes, seed=cfg.eval_seed)
+                ret = evaluate_q(q, cfg.env_id, episodes=cfg.eval_episodes, seed=cfg.eval_seed)
                 hist.eval_steps.append(step)
                 hist.eval_returns.append(ret)
                 if cfg.target_return is not None and ret >= cfg.target_return:
@@ -653,6 +628,6 @@ def dqn(config: DQNConfig | None = None) -> DQNHistory:
     finally:
         env.close()
     if hist.stopped is None:
-        hist.final_return = greedy_return(q, cfg.env_id, episodes=cfg.final_episodes, seed=cfg.final_seed)
+        hist.final_return = evaluate_q(q, cfg.env_id, episodes=cfg.final_episodes, seed=cfg.final_seed)
     hist.seconds = time.process_time() - t0
     return hist
