@@ -2,6 +2,7 @@
 
     python tools/seed_sweep.py ppo  [--seeds 0-9]     # chapter 8: PPO on CartPole-v1, the notebook's settings
     python tools/seed_sweep.py grpo [--seeds 0-4]     # chapter 13: warm start + GRPO on SortTask(4)
+    python tools/seed_sweep.py dqn  [--seeds 0-9]     # chapter 4: DQN and Double DQN on CartPole-v1
 
 A notebook runs one seed, because CI executes it; the chapters quote what this script prints for the others.
 Runs on the CPU with one thread, as the notebooks do, so seed 0 reproduces the notebook's numbers.
@@ -77,14 +78,33 @@ def sweep_grpo(seeds: list[int]) -> None:
           f"{max(gains):+.2f}; end >= 0.8 in {sum(r[2] >= 0.8 for r in rows)} of {len(rows)}")
 
 
+def sweep_dqn(seeds: list[int]) -> None:
+    from rl4llm import dqn as D
+
+    for double in (False, True):
+        name = "Double DQN" if double else "DQN"
+        rows = []
+        for seed in seeds:
+            hist = D.dqn(D.DQNConfig(seed=seed, double=double))  # defaults: chapter 4's run, section 4.4
+            rows.append((seed, hist.solved_at, hist.final_return, hist.seconds))
+            print(f"{name} seed {seed}: solved at {hist.solved_at} steps; fresh greedy evaluation "
+                  f"{hist.final_return:.1f} ({hist.seconds:.1f} s CPU)", flush=True)
+        solved = [r[1] for r in rows if r[1] is not None]
+        print(f"{name}: solved {len(solved)} of {len(rows)}", end="")
+        if solved:
+            print(f", after {min(solved)} to {max(solved)} steps (median {statistics.median(solved):.0f})", end="")
+        print(f"; fresh greedy >= 475: {sum(r[2] >= 475 for r in rows)} of {len(rows)} (min "
+              f"{min(r[2] for r in rows):.1f}); CPU {min(r[3] for r in rows):.1f} to {max(r[3] for r in rows):.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", choices=("ppo", "grpo"))
-    parser.add_argument("--seeds", default=None, help="e.g. 0-9 or 0,3,5 (default: 0-9 for ppo, 0-4 for grpo)")
+    parser.add_argument("run", choices=("ppo", "grpo", "dqn"))
+    parser.add_argument("--seeds", default=None, help="e.g. 0-9 or 0,3,5 (default: 0-9 for ppo and dqn, 0-4 for grpo)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    seeds = parse_seeds(args.seeds or ("0-9" if args.run == "ppo" else "0-4"))
-    (sweep_ppo if args.run == "ppo" else sweep_grpo)(seeds)
+    seeds = parse_seeds(args.seeds or ("0-4" if args.run == "grpo" else "0-9"))
+    {"ppo": sweep_ppo, "grpo": sweep_grpo, "dqn": sweep_dqn}[args.run](seeds)
 
 
 if __name__ == "__main__":

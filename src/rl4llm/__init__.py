@@ -49,7 +49,7 @@ __version__ = "0.1.0"
 SUBMODULES = (
     "device", "checks",
     "nets", "envs", "returns", "kl", "surrogate", "mdp", "dp", "token_mdp", "lm",
-    "td", "pg", "baselines", "actor_critic", "ppo", "trpo", "tasks", "reward_model", "rlhf", "dpo", "grpo",
+    "td", "pg", "baselines", "actor_critic", "ppo", "trpo", "dqn", "tasks", "reward_model", "rlhf", "dpo", "grpo",
 )
 """The public modules, tier by tier, each in the order its tier allows imports."""
 

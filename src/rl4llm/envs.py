@@ -4,6 +4,8 @@ r"""Environments shared by the chapters (tier 1): vector envs, the env check, ep
   spaces and autoreset mode every collector runs (1-D ``Box`` observations, ``Discrete`` actions from 0);
 - :class:`Episodes`, :func:`collect_episodes`, :func:`evaluate` -- one complete episode per sub-environment, the
   Monte Carlo data of REINFORCE (chapter 5, §5.4) and its evaluation;
+- :func:`make_env`, :func:`evaluate_q` -- one environment for a loop with explicit resets, and the greedy
+  evaluation of an action-value network (DQN, chapter 4);
 - :class:`Rollout`, :class:`RolloutCollector` -- ``T`` steps of ``N`` environments in lockstep, episodes spanning
   rollouts, the on-policy data of actor-critic and PPO (chapter 7, §7.4; chapter 8);
 - :class:`ReplayBuffer` -- a ring buffer of transitions sampled uniformly, the off-policy data of value-based
@@ -50,6 +52,8 @@ __all__ = [
     "check_env",
     "collect_episodes",
     "evaluate",
+    "evaluate_q",
+    "make_env",
     "make_vector_env",
 ]
 
@@ -246,6 +250,57 @@ def evaluate(policy: PolicyNet, env_id: str = "CartPole-v1", episodes: int = 20,
     finally:
         env.close()
     return batch.returns.mean().item()
+
+
+def make_env(env_id: str = "CartPole-v1", *, max_episode_steps: int | None = None) -> gym.Env:
+    """One gymnasium environment (no vector wrapper, no autoreset), for loops that reset explicitly (DQN).
+
+    Its spaces are checked as :func:`check_env` checks a vector env's: a 1-D ``Box`` observation space and
+    ``Discrete`` actions from 0.
+    """
+    if not isinstance(env_id, str):
+        raise ValueError(f"env_id must be a gymnasium environment id (str), got {env_id!r}")
+    kwargs = {}
+    if max_episode_steps is not None:
+        kwargs["max_episode_steps"] = check.positive_int("max_episode_steps", max_episode_steps)
+    env = gym.make(env_id, **kwargs)
+    obs_space, act_space = env.observation_space, env.action_space
+    if not isinstance(act_space, gym.spaces.Discrete) or act_space.start != 0:
+        env.close()
+        raise ValueError(f"env must have Discrete actions starting at 0, got {act_space}")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        env.close()
+        raise ValueError(f"env must have a 1-D Box observation space, got {obs_space}")
+    return env
+
+
+@torch.no_grad()
+def evaluate_q(q: torch.nn.Module, env_id: str = "CartPole-v1", episodes: int = 20, seed: int = 0) -> float:
+    """Mean undiscounted return of the greedy policy ``argmax_a q(s)[a]`` over ``episodes`` complete episodes.
+
+    ``q`` maps float32 observations ``[N, obs_dim]`` to action values ``[N, n_actions]`` (a
+    :class:`rl4llm.nets.QNet`). The episodes run side by side, sub-environment ``i`` seeded with ``seed + i``;
+    each counts up to its first end (termination or truncation).
+    """
+    if not isinstance(q, torch.nn.Module):
+        raise ValueError(f"q must be a torch.nn.Module, got {type(q).__name__}")
+    check.positive_int("episodes", episodes)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    env = make_vector_env(env_id, episodes)
+    try:
+        check_env(env)
+        obs, _ = env.reset(seed=seed)
+        total = np.zeros(episodes)
+        running = np.ones(episodes, dtype=bool)
+        while running.any():
+            actions = q(torch.as_tensor(obs, dtype=torch.float32)).argmax(dim=-1).cpu().numpy()
+            obs, r, term, trunc, _ = env.step(actions)
+            total += r * running
+            running &= ~(term | trunc)
+    finally:
+        env.close()
+    return float(total.mean())
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from torch.distributions import Categorical
 
 from rl4llm import _validate as check
 
-__all__ = ["PolicyNet", "ValueNet", "tanh_mlp"]
+__all__ = ["PolicyNet", "QNet", "ValueNet", "tanh_mlp"]
 
 
 def tanh_mlp(obs_dim: int, hidden: int | tuple[int, ...] | list[int], out_dim: int, *, head_scale: float,
@@ -149,3 +149,52 @@ class ValueNet(nn.Module):
         """Values ``[...]`` for observations ``[..., obs_dim]``."""
         return self.scale * self.net(check.obs(obs, self.obs_dim).to(self.net[-1].weight.dtype)).squeeze(-1)
 
+
+
+class QNet(nn.Module):
+    """An action-value network for discrete actions: observations ``[..., obs_dim]`` to ``Q [..., n_actions]``.
+
+    ReLU hidden layers (as SB3's DQN). With ``dueling="mean"`` or ``"max"`` the last hidden layer feeds a value
+    head ``V [...]`` and an advantage head ``A [..., n_actions]``, combined by the aggregator of chapter 4
+    (:math:`Q = V + A - \\operatorname{mean}_a A` or :math:`- \\max_a A`); ``None`` is one linear head.
+
+    Args:
+        obs_dim: observation size.
+        n_actions: number of actions.
+        hidden: hidden widths (a sequence, or one int), at least one layer.
+        dueling: None, ``"mean"`` or ``"max"``.
+        dtype: parameter dtype.
+    """
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden: int | tuple[int, ...] | list[int] = (128, 128), *,
+                 dueling: str | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        widths = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+        if not widths:
+            raise ValueError("hidden must name at least one hidden layer")
+        for name, v in (("obs_dim", obs_dim), ("n_actions", n_actions), *(("hidden", h) for h in widths)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if dueling not in (None, "mean", "max"):
+            raise ValueError(f"dueling must be None, 'mean' or 'max', got {dueling!r}")
+        sizes = (obs_dim, *widths)
+        layers: list[nn.Module] = []
+        for d_in, d_out in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [nn.Linear(d_in, d_out, dtype=dtype), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.obs_dim, self.n_actions, self.dueling = obs_dim, n_actions, dueling
+        self.head = nn.Linear(sizes[-1], n_actions, dtype=dtype)
+        self.value_head = nn.Linear(sizes[-1], 1, dtype=dtype) if dueling else None
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """``Q [..., n_actions]`` for observations ``[..., obs_dim]``."""
+        if not isinstance(obs, Tensor) or obs.ndim < 1 or obs.shape[-1] != self.obs_dim:
+            shape = list(obs.shape) if isinstance(obs, Tensor) else type(obs).__name__
+            raise ValueError(f"obs must be a tensor of shape [..., {self.obs_dim}], got {shape}")
+        h = self.body(obs.to(self.head.weight.dtype))
+        adv = self.head(h)
+        if self.value_head is None:
+            return adv
+        v = self.value_head(h).squeeze(-1)
+        centre = adv.mean(-1, keepdim=True) if self.dueling == "mean" else adv.max(-1, keepdim=True).values
+        return v.unsqueeze(-1) + adv - centre
