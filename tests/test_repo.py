@@ -94,7 +94,7 @@ def test_every_notebook_is_paired_and_in_the_toc():
 def test_toc_entries_exist_and_chapter_numbers_follow_the_plan():
     planned = {"01_mdp_and_llms", "02_bellman", "03_policy_evaluation", "04_value_based", "05_policy_gradient",
                "06_baselines", "07_actor_critic_gae", "08_trpo_ppo", "09_kl_estimators", "10_sac",
-               "11_reward_models_rlhf", "12_dpo", "13_grpo"}
+               "11_reward_models_rlhf", "12_dpo", "13_grpo", "appA_off_policy", "appB_soft_policy_iteration"}
     for f in toc_files():
         assert any((ROOT / f).with_suffix(s).exists() for s in (".md", ".ipynb")), f"{f} is in _toc.yml but missing"
         if f.startswith("notebooks/"):

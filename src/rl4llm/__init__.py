@@ -17,6 +17,7 @@ Each module holds one idea and is meant to be read top to bottom:
 - :mod:`rl4llm.rlhf`    -- Bradley-Terry reward models, KL-shaped rewards, PPO for the tiny language model.
 - :mod:`rl4llm.dpo`     -- the DPO loss, implicit rewards, the closed-form KL-regularised optimum.
 - :mod:`rl4llm.grpo`    -- group advantages, GRPO/BNPO/DAPO/Dr. GRPO aggregation, GSPO ratios, a training loop.
+- :mod:`rl4llm.offpolicy` -- importance weights, off-policy gradients and evaluation, V-trace and Retrace targets.
 
 Conventions: tensors are time-last (``[..., T]``), masks are explicit arguments, and public functions
 raise :class:`ValueError` naming the offending argument and the expected shape.
