@@ -180,7 +180,7 @@ def cumulative_ratios(ratios: Tensor, mask: Tensor | None = None) -> Tensor:
 # policy-gradient weights
 # ----------------------------------------------------------------------------------------------------------
 def full_is_weights(ratios: Tensor, rewards: Tensor, *, gamma: float = 1.0, mask: Tensor | None = None) -> Tensor:
-    r"""Coefficients of the scores in full-trajectory importance sampling (§A.2, equation ``eq-full-is``).
+    r"""Coefficients of the scores in full-trajectory importance sampling (§A.2).
 
     The estimate is :math:`\sum_t c_t \nabla\log\pi(a_t \mid s_t)` with
     :math:`c_t = W_{0:T-1} \sum_{t'} \gamma^{t'} r_{t'}` for every step: unbiased for :math:`\nabla J(\pi)` when
@@ -205,7 +205,7 @@ def full_is_weights(ratios: Tensor, rewards: Tensor, *, gamma: float = 1.0, mask
 
 def per_decision_weights(ratios: Tensor, rewards: Tensor, *, gamma: float = 1.0,
                          mask: Tensor | None = None) -> Tensor:
-    r"""Coefficients of the scores in the per-decision off-policy gradient (§A.2, equation ``eq-per-decision``).
+    r"""Coefficients of the scores in the per-decision off-policy gradient (§A.2, equation (eq-per-decision)).
 
     :math:`c_t = \sum_{t' \ge t} \gamma^{t'} r_{t'} W_{0:t'}`: each reward keeps the weights of every step up to its
     own, and only those. Unbiased for :math:`\nabla J(\pi)`; with all ratios 1 it is the on-policy reward-to-go
