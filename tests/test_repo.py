@@ -95,12 +95,12 @@ def planned_chapters() -> set[str]:
     """The chapter names of the plan in CONTRIBUTING.md's "Table of contents" section."""
     text = (ROOT / "CONTRIBUTING.md").read_text()
     section = text.split("## Table of contents", 1)[1].split("\n## ", 1)[0]
-    return set(re.findall(r"\b\d\d_[a-z_]+\b", section))
+    return set(re.findall(r"\b(?:\d\d|app[A-Z])_[a-z_]+\b", section))
 
 
 def test_the_plan_is_in_the_repository():
     planned = planned_chapters()
-    assert len(planned) == 13 and {"05_policy_gradient", "13_grpo"} <= planned, sorted(planned)
+    assert len([p for p in planned if p[:2].isdigit()]) == 13 and {"05_policy_gradient", "13_grpo"} <= planned, sorted(planned)
 
 
 def test_contributing_guide_lists_every_module():

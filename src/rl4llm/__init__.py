@@ -34,6 +34,7 @@ Tier 2, one algorithm per module (pure functions first, its training loop last):
 - :mod:`rl4llm.rlhf`    -- KL-shaped rewards, the shared toy setting, PPO for the tiny language model (chapter 11).
 - :mod:`rl4llm.dpo`     -- the DPO loss, implicit rewards, the closed-form KL-regularised optimum (chapter 12).
 - :mod:`rl4llm.grpo`    -- group advantages, GRPO/BNPO/DAPO/Dr. GRPO aggregation, GSPO ratios, a training loop (ch. 13).
+- :mod:`rl4llm.offpolicy` -- importance weights, off-policy gradients and evaluation, V-trace, Retrace (app. A).
 
 Submodules load on first use: after ``import rl4llm``, ``rl4llm.grpo`` imports :mod:`rl4llm.grpo` (and nothing from
 the gymnasium half of the package).
@@ -50,6 +51,7 @@ SUBMODULES = (
     "device", "checks",
     "nets", "envs", "returns", "kl", "surrogate", "mdp", "dp", "token_mdp", "lm",
     "td", "pg", "baselines", "actor_critic", "ppo", "trpo", "dqn", "tasks", "reward_model", "rlhf", "dpo", "grpo",
+    "offpolicy",
 )
 """The public modules, tier by tier, each in the order its tier allows imports."""
 
