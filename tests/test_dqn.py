@@ -277,3 +277,16 @@ def test_dqn_stops_at_the_first_non_finite_loss(monkeypatch):
                           eval_every=1024))
     assert h.stopped is not None and "non-finite loss" in h.stopped and "512" in h.stopped
     assert h.losses == [] and math.isnan(h.final_return)
+
+
+def test_make_env_and_evaluate_q():
+    from rl4llm.envs import evaluate_q, make_env
+
+    with pytest.raises(ValueError, match="Discrete"):
+        make_env("Pendulum-v1")
+    torch.manual_seed(0)
+    net = QNet(4, 2, (8,))
+    ret = evaluate_q(net, "CartPole-v1", episodes=3, seed=1)
+    assert ret == evaluate_q(net, "CartPole-v1", episodes=3, seed=1) and 8 <= ret <= 500
+    with pytest.raises(ValueError, match="q must be"):
+        evaluate_q(lambda x: x, "CartPole-v1")
