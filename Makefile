@@ -1,7 +1,7 @@
 # Reinforcement learning for LLMs, derived and run.
 #   make book   -> set up .venv + MathJax, build the HTML book, print where to open it
 #   make test   -> set up, then run every check (unit tests, notebook pairs, nbval twice, book build, browser check)
-# Other targets: setup, execute [NB=notebooks/05_policy_gradient.md], sync, bench, gpu-check, lint, clean.
+# Other targets: setup, execute [NB=notebooks/05_policy_gradient.md], sync, mutate [NB=...], bench, gpu-check, lint, clean.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -21,7 +21,7 @@ BUILD := _build
 MATHJAX_SRC := node_modules/mathjax/es5
 MATHJAX_DST := book/_static/mathjax
 
-.PHONY: help setup book test unit pairs nbval nbval-avx2 build-book check-book browser-deps execute sync bench gpu-check lint clean
+.PHONY: help setup book test unit pairs nbval nbval-avx2 build-book check-book browser-deps execute sync mutate bench gpu-check lint clean
 
 help:
 	@sed -n '2,4p' Makefile
@@ -100,6 +100,11 @@ execute: setup
 # Bring the .ipynb inputs in line with edited .md sources, keeping outputs of unchanged cells.
 sync: setup
 	$(BIN)/jupytext --to ipynb --update notebooks/*.md
+
+# Mutation check of the SymPy assertions (book/mutation.md): perturb each checked formula, report the survivors.
+# Not part of `make test`; exits non-zero while a chapter has survivors not accepted in tools/mutants_equivalent.yml.
+mutate: setup
+	$(PY) tools/mutate.py $(if $(filter all,$(NB)),notebooks/*.md,$(NB)) --record book/mutation.md
 
 # --- performance -------------------------------------------------------------------------------------------
 bench: setup
