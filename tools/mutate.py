@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT_FILE = ROOT / "tools" / "mutants_equivalent.yml"
 CHECK_CALLS = {"assert_identity"}
 ZERO_LIKE = re.compile(r"^(0|0\.0|sp\.S\.Zero|(sp|torch)\.zeros(_like)?\(.*\))$")
+DEFINITIONS = {"sp.Symbol", "sp.symbols", "sp.Rational", "assert_identity", "assert_nonzero", "sp.Matrix.zeros"}
 INFINITE = re.compile(r"^-?(sp\.oo|math\.inf|float\('inf'\))$")
 TIMEOUT_EXIT, KILLED_EXIT, CRASH_EXIT = 3, 4, 5
 
@@ -85,14 +86,14 @@ def _replace(tree: ast.AST, path: tuple[int, ...], new: ast.AST) -> ast.AST:
     raise RuntimeError("node not found")  # pragma: no cover
 
 
-def expression_mutants(expr: ast.expr, limit: int, other: str = "") -> list[tuple[str, str]]:
+def expression_mutants(expr: ast.expr, limit: int, other: str = "", whole: bool = True) -> list[tuple[str, str]]:
     """(operator, mutated source) pairs for one side of a check, at most ``limit``, the whole-side ones first.
 
     ``other`` is the source of the other side: against 0 (or an infinity) negating or doubling a side is no change.
     """
     src = ast.unparse(expr)
     out: list[tuple[str, str]] = []
-    zero = ZERO_LIKE.match(src) or ZERO_LIKE.match(other)        # x == 0 and -x == 0 are the same check
+    zero = not whole or ZERO_LIKE.match(src) or ZERO_LIKE.match(other)   # x == 0 and -x == 0: the same check
     if not zero:
         out.append(("negate", f"-({src})"))
     if not (zero or INFINITE.match(src) or INFINITE.match(other)):  # 2 * oo == oo
@@ -130,12 +131,13 @@ def expression_mutants(expr: ast.expr, limit: int, other: str = "") -> list[tupl
 class Target:
     """One side of one check: where it is, its source, and its mutants."""
     cell: int                 # 1-based cell number
-    stmt: int                 # index of the top-level statement of the cell that contains the check
+    stmt: int                 # run the cell's top-level statements up to this one (the last check that can see it)
     line: int                 # line of the check within the cell (1-based)
     side: str                 # "lhs" / "rhs"
     original: str             # source of that side
     mutants: list[tuple[str, str]]
     node_path: tuple[int, ...] = field(default=())
+    mut_stmt: int = -1        # the statement that is mutated (-1: the same as ``stmt``)
 
 
 def find_targets(cells: list[str], limit: int) -> list[Target]:
@@ -160,6 +162,22 @@ def find_targets(cells: list[str], limit: int) -> list[Target]:
                     other = ast.unparse(_get(stmt, sides[k ^ 1][1]))
                     targets.append(Target(ci, si, node.lineno, side, ast.unparse(expr),
                                           expression_mutants(expr, limit, other), side_path))
+        # the formulas the checks are written in: every top-level `name = formula` of the cell that a later check of
+        # the same cell reads is mutated too, and the cell is run up to the last such check
+        checks = {t.stmt for t in targets if t.cell == ci}
+        for si, stmt in enumerate(tree.body):
+            if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
+                continue
+            name = stmt.targets[0].id
+            readers = [sj for sj in checks if sj > si and any(
+                isinstance(n, ast.Name) and n.id == name for n, _ in _nodes(tree.body[sj]))]
+            value = stmt.value
+            if not readers or isinstance(value, (ast.Constant, ast.Lambda)) or (
+                    isinstance(value, ast.Call) and ast.unparse(value.func) in DEFINITIONS):
+                continue                                  # symbols, and checks already mutated above, are skipped
+            container = isinstance(value, (ast.List, ast.ListComp, ast.Dict, ast.DictComp, ast.Tuple, ast.GeneratorExp))
+            targets.append(Target(ci, max(readers), stmt.lineno, f"{name} =", ast.unparse(value),
+                                  expression_mutants(value, limit, whole=not container), (1,), mut_stmt=si))
     return targets
 
 
@@ -229,8 +247,9 @@ def mutate_chapter(path: Path, mode: str = "sympy", limit: int = 12, timeout: in
             for op, mutated in t.mutants:
                 stmts = copy.deepcopy(tree.body[: t.stmt + 1])
                 new_expr = ast.parse(mutated, mode="eval").body
-                stmts[t.stmt] = _replace(stmts[t.stmt], t.node_path, new_expr)
-                ast.fix_missing_locations(stmts[t.stmt])
+                where = t.stmt if t.mut_stmt < 0 else t.mut_stmt
+                stmts[where] = _replace(stmts[where], t.node_path, new_expr)
+                ast.fix_missing_locations(stmts[where])
                 outcome = _run_child(namespace, stmts, timeout)
                 record = {"cell": ci, "line": t.line, "side": t.side, "op": op, "original": t.original,
                           "mutant": mutated}
