@@ -1,7 +1,8 @@
 # Reinforcement learning for LLMs, derived and run.
 #   make book   -> set up .venv + MathJax, build the HTML book, print where to open it
 #   make test   -> set up, then run every check (unit tests, notebook pairs, nbval twice, book build, browser check)
-# Other targets: setup, lab, serve, execute [NB=notebooks/05_policy_gradient.md], sync, bench, gpu-check, lint, clean.
+# Other targets: setup, lab, serve, execute [NB=notebooks/05_policy_gradient.md], sync, mutate [NB=...], bench,
+#   gpu-check, lint, clean.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -24,11 +25,11 @@ MATHJAX_DST := book/_static/mathjax
 JUPYTERLAB ?= jupyterlab==4.6.6
 PORT ?= 8000
 
-.PHONY: help setup book test unit pairs nbval nbval-avx2 build-book check-book browser-deps execute sync bench gpu-check lint \
-        lab serve clean
+.PHONY: help setup book test unit pairs nbval nbval-avx2 build-book check-book browser-deps execute sync mutate bench \
+        gpu-check lint lab serve clean
 
 help:
-	@sed -n '2,4p' Makefile
+	@sed -n '2,5p' Makefile
 
 # --- set-up ------------------------------------------------------------------------------------------------
 # The stamp depends on the files that define the environment, so editing a pin re-installs.
@@ -120,6 +121,11 @@ execute: setup
 # Bring the .ipynb inputs in line with edited .md sources, keeping outputs of unchanged cells.
 sync: setup
 	$(BIN)/jupytext --to ipynb --update notebooks/*.md
+
+# Mutation check of the SymPy assertions (book/mutation.md): perturb each checked formula, report the survivors.
+# Not part of `make test`; exits non-zero while a chapter has survivors not accepted in tools/mutants_equivalent.yml.
+mutate: setup
+	$(PY) tools/mutate.py $(if $(filter all,$(NB)),notebooks/*.md,$(NB)) --record book/mutation.md
 
 # --- performance -------------------------------------------------------------------------------------------
 bench: setup
