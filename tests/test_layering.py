@@ -22,7 +22,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "rl4llm"
 
 TIERS: dict[int, list[str]] = {
-    0: ["_validate", "device", "checks"],
+    0: ["_validate", "device", "checks", "stored"],
     1: ["nets", "envs", "returns", "kl", "surrogate", "mdp", "dp", "token_mdp", "lm"],
     2: ["td", "pg", "baselines", "actor_critic", "ppo", "trpo", "dqn", "tasks", "reward_model", "rlhf", "dpo", "grpo",
         "offpolicy"],

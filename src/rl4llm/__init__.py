@@ -8,6 +8,7 @@ Tier 0, shared, no RL idea:
 - :mod:`rl4llm._validate` -- the input checks every public function uses (private).
 - :mod:`rl4llm.device`  -- choosing the device, seeding.
 - :mod:`rl4llm.checks`  -- asserting symbolic identities, and the SymPy helpers the notebooks share.
+- :mod:`rl4llm.stored`  -- the stored benchmark results the chapters display, shipped with the package.
 
 Tier 1, networks, environments and pure math:
 
@@ -29,6 +30,7 @@ Tier 2, one algorithm per module (pure functions first, its training loop last):
 - :mod:`rl4llm.actor_critic` -- synchronous n-step A2C with GAE on vectorised gymnasium environments (chapter 7).
 - :mod:`rl4llm.ppo`     -- PPO's KL-penalty variant, the adaptive-KL rule, the training loop (chapter 8).
 - :mod:`rl4llm.trpo`    -- Fisher-vector products, conjugate gradient, the trust-region step, line search (ch. 8).
+- :mod:`rl4llm.dqn`     -- DQN and Double DQN targets, dueling heads, tabular Q-learning and SARSA, DQN (ch. 4).
 - :mod:`rl4llm.tasks`   -- synthetic verifiable tasks with exact rewards, warm start, preference pairs.
 - :mod:`rl4llm.reward_model` -- Bradley-Terry losses, a scalar-head reward/value model, its training (chapter 11).
 - :mod:`rl4llm.rlhf`    -- KL-shaped rewards, the shared toy setting, PPO for the tiny language model (chapter 11).
@@ -48,7 +50,7 @@ import importlib
 __version__ = "0.1.0"
 
 SUBMODULES = (
-    "device", "checks",
+    "device", "checks", "stored",
     "nets", "envs", "returns", "kl", "surrogate", "mdp", "dp", "token_mdp", "lm",
     "td", "pg", "baselines", "actor_critic", "ppo", "trpo", "dqn", "tasks", "reward_model", "rlhf", "dpo", "grpo",
     "offpolicy",
