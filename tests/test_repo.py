@@ -172,3 +172,45 @@ def test_seed_check_catches_unseeded_draws():
 def test_notebooks_seed_the_global_generator_before_drawing_from_it(md):
     line = first_unseeded_global_draw("\n".join(extract_cells(md.read_text())))
     assert line is None, f"{md.name} draws from torch's global generator before torch.manual_seed: {line!r}"
+
+
+def _bib_entries() -> dict[str, str]:
+    """The raw text of each entry of the bibliography, keyed by citation key, checking braces as it reads."""
+    text = (ROOT / "book" / "references.bib").read_text()
+    entries: dict[str, str] = {}
+    for chunk in re.split(r"\n(?=@)", "\n" + text):
+        if not chunk.strip():
+            continue
+        m = re.match(r"@\w+\{([^,\s]+),", chunk)
+        assert m, f"references.bib: cannot read the entry starting {chunk[:60]!r}"
+        key = m.group(1)
+        assert key not in entries, f"references.bib: {key} appears twice"
+        depth = 0
+        for ch in chunk:
+            depth += (ch == "{") - (ch == "}")
+            assert depth >= 0, f"references.bib: {key} closes a brace it never opened"
+        assert depth == 0, f"references.bib: {key} leaves {depth} brace(s) open (a missing closing '}}')"
+        entries[key] = chunk
+    return entries
+
+
+def test_bibliography_entries_are_closed_and_every_citation_resolves():
+    entries = _bib_entries()
+    for key, chunk in entries.items():
+        assert re.search(r"^\s*year\s*=", chunk, re.M), f"references.bib: {key} has no year"
+    cited = set()
+    for path in [*ROOT.glob("notebooks/*.md"), *ROOT.glob("book/*.md")]:
+        for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", path.read_text()):
+            cited |= {k.strip() for k in group.split(",")}
+    missing = sorted(cited - entries.keys())
+    assert not missing, f"cited but not in references.bib: {missing}"
+
+
+def test_bibliography_check_catches_an_unclosed_entry(tmp_path, monkeypatch):
+    bib = (ROOT / "book" / "references.bib").read_text()
+    broken = bib.replace("\n}\n", "\n", 1)  # drop one entry's closing brace, as a careless merge would
+    (tmp_path / "book").mkdir()
+    (tmp_path / "book" / "references.bib").write_text(broken)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    with pytest.raises(AssertionError, match="brace"):
+        _bib_entries()
