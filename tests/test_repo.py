@@ -198,6 +198,7 @@ def test_bibliography_entries_are_closed_and_every_citation_resolves():
     entries = _bib_entries()
     for key, chunk in entries.items():
         assert re.search(r"^\s*year\s*=", chunk, re.M), f"references.bib: {key} has no year"
+        assert "$" not in chunk, f"references.bib: {key} has TeX math, which the bibliography shows as raw text"
     cited = set()
     for path in [*ROOT.glob("notebooks/*.md"), *ROOT.glob("book/*.md")]:
         for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", path.read_text()):
