@@ -115,11 +115,13 @@ def sweep_sac(seeds: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", choices=("ppo", "grpo", "dqn", "sac"))
-    parser.add_argument("--seeds", default=None, help="e.g. 0-9 or 0,3,5 (default: 0-9 for ppo and dqn, 0-4 for grpo, 0-3 for sac)")
+    parser.add_argument("--seeds", default=None,
+                        help="e.g. 0-9 or 0,3,5 (default: 0-9 for ppo and dqn, 0-4 for grpo, 0-3 for sac)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = parse_seeds(args.seeds or {"grpo": "0-4", "sac": "0-3"}.get(args.run, "0-9"))
-    {"ppo": sweep_ppo, "grpo": sweep_grpo, "dqn": sweep_dqn, "sac": sweep_sac}[args.run](seeds)
+    runs = {"ppo": sweep_ppo, "grpo": sweep_grpo, "dqn": sweep_dqn, "sac": sweep_sac}
+    runs[args.run](seeds)
 
 
 if __name__ == "__main__":

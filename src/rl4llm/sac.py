@@ -213,10 +213,10 @@ def soft_q_target(rewards: Tensor, next_q1: Tensor, next_q2: Tensor, next_log_pi
         ``[B]`` targets, detached.
     """
     names = ("rewards", "next_q1", "next_q2", "next_log_pi")
-    xs = [_floating(x, n) for x, n in zip((rewards, next_q1, next_q2, next_log_pi), names)]
+    xs = [_floating(x, n) for x, n in zip((rewards, next_q1, next_q2, next_log_pi), names, strict=True)]
     if xs[0].ndim != 1:
         raise ValueError(f"rewards must have shape [B], got {list(xs[0].shape)} (a [B, 1] column would broadcast)")
-    for x, n in zip(xs, names):
+    for x, n in zip(xs, names, strict=True):
         if x.shape != xs[0].shape:
             raise ValueError(f"{n} must have shape [B] = {list(xs[0].shape)} like rewards, got {list(x.shape)}")
         if not bool(torch.isfinite(x).all()):
@@ -246,8 +246,8 @@ def actor_loss(log_pi: Tensor, q1: Tensor, q2: Tensor, alpha: float) -> Tensor:
         alpha: temperature ``>= 0``.
     """
     names = ("log_pi", "q1", "q2")
-    xs = [_floating(x, n) for x, n in zip((log_pi, q1, q2), names)]
-    for x, n in zip(xs, names):
+    xs = [_floating(x, n) for x, n in zip((log_pi, q1, q2), names, strict=True)]
+    for x, n in zip(xs, names, strict=True):
         if x.ndim != 1 or x.shape != xs[0].shape:
             raise ValueError(f"{n} must have shape [B] = {list(xs[0].shape)} like log_pi, got {list(x.shape)}")
     alpha = _real(alpha, "alpha", nonneg=True)
@@ -495,7 +495,7 @@ def sac(config: SACConfig | None = None, *, log_every: int = 50) -> SACHistory:
                 loss_a.backward()
                 opt_a.step()
             with torch.no_grad():
-                for p, pt in zip(critic.parameters(), target.parameters()):
+                for p, pt in zip(critic.parameters(), target.parameters(), strict=True):
                     pt.mul_(1.0 - cfg.tau).add_(p, alpha=cfg.tau)
             if not (_finite(actor, critic) and math.isfinite(float(log_alpha.detach()))):
                 hist.stopped = f"non-finite parameter at env step {step}"
