@@ -25,7 +25,7 @@ TIERS: dict[int, list[str]] = {
     0: ["_validate", "device", "checks", "stored"],
     1: ["nets", "envs", "returns", "kl", "surrogate", "mdp", "dp", "token_mdp", "lm"],
     2: ["td", "pg", "baselines", "actor_critic", "ppo", "trpo", "dqn", "tasks", "reward_model", "rlhf", "dpo", "grpo",
-        "offpolicy"],
+        "offpolicy", "sac"],
 }
 RANK = {m: (tier, i) for tier, mods in TIERS.items() for i, m in enumerate(mods)}
 GYMNASIUM_ALLOWED = {"envs"}

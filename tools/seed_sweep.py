@@ -3,6 +3,7 @@
     python tools/seed_sweep.py ppo  [--seeds 0-9]     # chapter 8: PPO on CartPole-v1, the notebook's settings
     python tools/seed_sweep.py grpo [--seeds 0-4]     # chapter 13: warm start + GRPO on SortTask(4)
     python tools/seed_sweep.py dqn  [--seeds 0-9]     # chapter 4: DQN and Double DQN on CartPole-v1
+    python tools/seed_sweep.py sac  [--seeds 0-3]     # chapter 10: SAC with automatic temperature on Pendulum-v1
 
 A notebook runs one seed, because CI executes it; the chapters quote what this script prints for the others.
 Runs on the CPU with one thread, as the notebooks do, so seed 0 reproduces the notebook's numbers.
@@ -97,14 +98,30 @@ def sweep_dqn(seeds: list[int]) -> None:
               f"{min(r[2] for r in rows):.1f}); CPU {min(r[3] for r in rows):.1f} to {max(r[3] for r in rows):.1f} s")
 
 
+def sweep_sac(seeds: list[int]) -> None:
+    from rl4llm import sac as S
+
+    rows = []
+    for seed in seeds:
+        hist = S.sac(S.SACConfig(seed=seed))  # defaults: chapter 10's run, section 10.5
+        rows.append((seed, hist.final_return, hist.final_worst, hist.seconds))
+        print(f"SAC seed {seed}: greedy {hist.final_return:.1f} (worst episode {hist.final_worst:.1f}), "
+              f"final alpha {hist.alphas[-1]:.3f}, stopped {hist.stopped} ({hist.seconds:.1f} s CPU)", flush=True)
+    print(f"SAC: greedy >= -200 on {sum(r[1] >= -200 for r in rows)} of {len(rows)}; from "
+          f"{min(r[1] for r in rows):.1f} to {max(r[1] for r in rows):.1f}; CPU {min(r[3] for r in rows):.1f} to "
+          f"{max(r[3] for r in rows):.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", choices=("ppo", "grpo", "dqn"))
-    parser.add_argument("--seeds", default=None, help="e.g. 0-9 or 0,3,5 (default: 0-9 for ppo and dqn, 0-4 for grpo)")
+    parser.add_argument("run", choices=("ppo", "grpo", "dqn", "sac"))
+    parser.add_argument("--seeds", default=None,
+                        help="e.g. 0-9 or 0,3,5 (default: 0-9 for ppo and dqn, 0-4 for grpo, 0-3 for sac)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    seeds = parse_seeds(args.seeds or ("0-4" if args.run == "grpo" else "0-9"))
-    {"ppo": sweep_ppo, "grpo": sweep_grpo, "dqn": sweep_dqn}[args.run](seeds)
+    seeds = parse_seeds(args.seeds or {"grpo": "0-4", "sac": "0-3"}.get(args.run, "0-9"))
+    runs = {"ppo": sweep_ppo, "grpo": sweep_grpo, "dqn": sweep_dqn, "sac": sweep_sac}
+    runs[args.run](seeds)
 
 
 if __name__ == "__main__":

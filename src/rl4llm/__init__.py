@@ -53,7 +53,7 @@ SUBMODULES = (
     "device", "checks", "stored",
     "nets", "envs", "returns", "kl", "surrogate", "mdp", "dp", "token_mdp", "lm",
     "td", "pg", "baselines", "actor_critic", "ppo", "trpo", "dqn", "tasks", "reward_model", "rlhf", "dpo", "grpo",
-    "offpolicy",
+    "offpolicy", "sac",
 )
 """The public modules, tier by tier, each in the order its tier allows imports."""
 

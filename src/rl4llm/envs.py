@@ -53,6 +53,7 @@ __all__ = [
     "collect_episodes",
     "evaluate",
     "evaluate_q",
+    "make_box_env",
     "make_env",
     "make_vector_env",
 ]
@@ -268,6 +269,32 @@ def make_env(env_id: str = "CartPole-v1", *, max_episode_steps: int | None = Non
     if not isinstance(act_space, gym.spaces.Discrete) or act_space.start != 0:
         env.close()
         raise ValueError(f"env must have Discrete actions starting at 0, got {act_space}")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        env.close()
+        raise ValueError(f"env must have a 1-D Box observation space, got {obs_space}")
+    return env
+
+
+def make_box_env(env_id: str = "Pendulum-v1", *, max_episode_steps: int | None = None) -> gym.Env:
+    """One gymnasium environment with continuous actions (no vector wrapper, no autoreset), for SAC (chapter 10).
+
+    The counterpart of :func:`make_env` for a 1-D ``Box`` action space with finite, symmetric bounds
+    ``[-c, c]`` (the same ``c`` in every coordinate, so that ``a = c tanh(u)`` covers it); observations must be a
+    1-D ``Box``.
+    """
+    if not isinstance(env_id, str):
+        raise ValueError(f"env_id must be a gymnasium environment id (str), got {env_id!r}")
+    kwargs = {}
+    if max_episode_steps is not None:
+        kwargs["max_episode_steps"] = check.positive_int("max_episode_steps", max_episode_steps)
+    env = gym.make(env_id, **kwargs)
+    obs_space, act_space = env.observation_space, env.action_space
+    ok = (isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1
+          and np.all(np.isfinite(act_space.high)) and np.allclose(act_space.low, -act_space.high)
+          and np.allclose(act_space.high, act_space.high.flat[0]) and act_space.high.flat[0] > 0)
+    if not ok:
+        env.close()
+        raise ValueError(f"env must have a 1-D Box action space with bounds [-c, c], c > 0, got {act_space}")
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         env.close()
         raise ValueError(f"env must have a 1-D Box observation space, got {obs_space}")
